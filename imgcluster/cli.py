@@ -1,0 +1,370 @@
+"""The imgcluster command line: parse, validate (errors name the flag), build the config, call the core.
+
+stdout carries data only (CSV, JSON, written paths); everything for people goes to stderr.
+Exit codes: 0 success, 1 runtime failure, 2 usage error, 3 no usable images, 130/143 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from imgcluster import console
+from imgcluster.config import ConfigError, load_preset, parse_overrides, resolve_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Sort a folder of unlabelled images into clusters by training a GAN on it.")
+
+EXIT_RUNTIME, EXIT_USAGE, EXIT_NO_IMAGES = 1, 2, 3
+# Settings a resumed run may change: how long to train and how often to log.
+RESUMABLE_KEYS = {"steps", "log_every", "sample_every", "checkpoint_every", "sample_clusters"}
+
+
+def fail(message: str, code: int = EXIT_RUNTIME):
+    console.error_line(message)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def errors_as_exit_codes():
+    """Map the core's exceptions to one stderr line and the documented exit code."""
+    from imgcluster.checkpoint import CheckpointError
+    from imgcluster.data import DataError
+    from imgcluster.pipeline import NoUsableImages
+
+    try:
+        yield
+    except (ConfigError, DataError) as e:
+        fail(str(e), EXIT_USAGE)
+    except CheckpointError as e:
+        fail(str(e), EXIT_USAGE)
+    except NoUsableImages as e:
+        fail(str(e), EXIT_NO_IMAGES)
+    except OSError as e:
+        fail(f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}".lstrip(": "), EXIT_RUNTIME)
+
+
+def device_or_exit(name: str):
+    from imgcluster.pipeline import resolve_device
+
+    try:
+        return resolve_device(name)
+    except ValueError as e:
+        fail(str(e), EXIT_USAGE)
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the training loop checkpoints at the end of the step and stops."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __call__(self):
+        return self.signum
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:          # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        console.warn("stopping: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------
+
+def build_config(data_dir: Path, run_root: Path | None, flags: dict, preset: str | None, sets: list[str],
+                 restart: bool):
+    """(cfg, run, resuming): a new config from defaults < preset < flags, or the saved one of a run."""
+    from imgcluster.rundir import RunDir, load_config
+
+    overrides = parse_overrides(sets)
+    explicit = {k: v for k, v in flags.items() if v is not None}
+    explicit["data_dir"] = str(data_dir.resolve())
+    if run_root is not None:
+        run = RunDir(run_root)
+        if run.checkpoint.exists() and not restart:
+            saved = load_config(run)
+            cfg = resolve_config((saved.to_dict(), str(run.config)), (explicit, "flags"), (overrides, "--set"))
+            changed = sorted(k for k, v in cfg.to_dict().items() if v != saved.to_dict()[k] and k not in RESUMABLE_KEYS)
+            if changed:
+                raise ConfigError(f"{run.root} was trained with other settings ({', '.join(changed)}); "
+                                  f"pass --restart to start over or --out for a new run")
+            return cfg, run, True
+    layers = [(load_preset(preset), f"preset {preset}")] if preset else []
+    cfg = resolve_config(*layers, (explicit, "flags"), (overrides, "--set"))
+    if run_root is None:
+        run_root = Path("runs") / f"{data_dir.resolve().name}-{cfg.method}-k{cfg.clusters}"
+        run = RunDir(run_root)
+        if run.checkpoint.exists() and not restart:
+            return build_config(data_dir, run_root, flags, preset, sets, restart)
+    return cfg, RunDir(run_root), False
+
+
+def run_training(cfg, run, device, resuming: bool, quiet: bool) -> None:
+    """Scan, cache, train, assign, draw sheets; shared by `train` and `demo`."""
+    from imgcluster import pipeline, training
+    from imgcluster.data import scan_folder
+
+    data_dir = Path(cfg.data_dir)
+    files = scan_folder(data_dir)
+    with console.Reporter("caching images", quiet) as rep:
+        images = pipeline.prepare_images(data_dir, pipeline.cache_size(cfg), files=files,
+                                         progress=lambda d, t: rep.update(d, t))
+    bad = len(images.files) - int(images.ok.sum())
+    console.info(f"{len(images.files)} files: {len(images.files) - bad} usable images, {bad} not usable"
+                 + (f" (listed in {run.bad_images})" if bad else ""))
+    pipeline.check_usable(images, cfg.clusters)
+    console.info(f"{'resuming' if resuming else 'training'} {cfg.method}, {cfg.clusters} clusters, "
+                 f"{cfg.image_size} px, {cfg.steps} steps on {device} -> {run.root}")
+
+    with console.Reporter("training", quiet) as rep, StopFlag() as stop:
+        def on_log(event):
+            m = event["metrics"]
+            rep.update(event["step"], event["total"], f"D {m['d_loss']:.3f} G {m['g_loss']:.3f} "
+                       f"{m['images_per_s']:.0f} img/s")
+        try:
+            training.train(cfg, run, images, device, resume=resuming, progress_fn=on_log, stop_fn=stop)
+        except training.Interrupted as e:
+            code = 130 if e.signum == signal.SIGINT else 143
+            console.info(f"checkpoint saved at step {e.step} in {run.checkpoint}; run the same command to resume")
+            raise typer.Exit(code)
+        except training.NonFiniteLoss as e:
+            fail(str(e), EXIT_RUNTIME)
+    summary = pipeline.finish_run(run, device, images)
+    console.info(f"assigned {summary['images']} images to {summary['clusters_used']} of {cfg.clusters} clusters: "
+                 f"{run.assignments}; sheets in {run.sheets}")
+
+
+@app.command()
+def train(
+    data_dir: Annotated[Path, typer.Argument(help="Folder of images, scanned recursively.")],
+    clusters: Annotated[Optional[int], typer.Option("--clusters", "-k", help="Number of clusters K.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="c3gan or slcgan.")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Preset name or YAML file.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="16, 32, 64 or 128.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps (iterations).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per step.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory [default: runs/DATA-METHOD-kK].")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: key=value.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the resolved config and the scan summary, then exit.")] = False,
+    restart: Annotated[bool, typer.Option(help="Start over instead of resuming RUN_DIR.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+):
+    """Train a clustering GAN on DATA_DIR; re-running on the same run directory resumes."""
+    from imgcluster.data import scan_folder
+    from imgcluster.rundir import RunDir
+
+    if not data_dir.is_dir():
+        fail(f"DATA_DIR {data_dir}: {'not a folder' if data_dir.exists() else 'no such folder'}", EXIT_USAGE)
+    resuming_possible = out is not None and RunDir(out).checkpoint.exists() and not restart
+    if clusters is None and not resuming_possible:
+        fail("--clusters: required (the number of clusters K to find)", EXIT_USAGE)
+    dev = device_or_exit(device)
+    with errors_as_exit_codes():
+        flags = {"clusters": clusters, "method": method, "image_size": image_size, "steps": steps,
+                 "batch_size": batch_size, "seed": seed}
+        cfg, run, resuming = build_config(data_dir, out, flags, preset, set_ or [], restart)
+        if dry_run:
+            from imgcluster.config import dump_config
+
+            files = scan_folder(data_dir)
+            sys.stdout.write(dump_config(cfg))
+            console.info(f"{data_dir}: {len(files)} files found; run directory {run.root} "
+                         f"({'resume' if resuming else 'new run'}); nothing trained (--dry-run)")
+            return
+        run_training(cfg, run, dev, resuming, quiet)
+    print(run.root)
+
+
+# ---------------------------------------------------------------------------------------------
+# assign, generate, evaluate
+# ---------------------------------------------------------------------------------------------
+
+def load_run_or_exit(run_dir: Path, device: str):
+    from imgcluster.rundir import RunDir, load_model
+
+    dev = device_or_exit(device)
+    if not run_dir.is_dir():
+        fail(f"RUN_DIR {run_dir}: no such folder", EXIT_USAGE)
+    with errors_as_exit_codes():
+        cfg, method = load_model(RunDir(run_dir), dev)
+    return cfg, method
+
+
+@app.command()
+def assign(
+    run_dir: Annotated[Path, typer.Argument(help="A trained run directory.")],
+    data_dir: Annotated[Optional[Path], typer.Argument(help="Images to assign [default: the training folder].")] = None,
+    output: Annotated[str, typer.Option("--output", "-o", help="CSV/JSONL file, or - for stdout.")] = "-",
+    fmt: Annotated[str, typer.Option("--format", help="csv or jsonl.")] = "csv",
+    sheets: Annotated[Optional[Path], typer.Option(help="Also write per-cluster sheets into this folder.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per inference batch.")] = 256,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+):
+    """Write path,cluster,confidence,error for every file found (unusable files keep their row)."""
+    from imgcluster import pipeline
+    from imgcluster.inference import assign_images, write_assignments, write_sheets
+
+    if fmt not in ("csv", "jsonl"):
+        fail(f"--format: must be csv or jsonl, got {fmt!r}", EXIT_USAGE)
+    cfg, method = load_run_or_exit(run_dir, device)
+    folder = data_dir or Path(cfg.data_dir)
+    if not folder.is_dir():
+        fail(f"DATA_DIR {folder}: no such folder", EXIT_USAGE)
+    with errors_as_exit_codes():
+        with console.Reporter("caching images", quiet) as rep:
+            images = pipeline.prepare_images(folder, pipeline.cache_size(cfg), progress=lambda d, t: rep.update(d, t))
+        out = sys.stdout if output == "-" else open(output, "w", newline="", encoding="utf-8", errors="surrogateescape")
+        try:
+            rows = write_assignments(assign_images(method, images, batch_size), out, fmt)
+        finally:
+            if out is not sys.stdout:
+                out.close()
+        if sheets:
+            write_sheets(method, images, rows, sheets, seed=cfg.seed)
+    n_bad = sum(r.cluster is None for r in rows)
+    console.info(f"assigned {len(rows) - n_bad} images, {n_bad} unusable files listed with their reason"
+                 + (f"; wrote {output}" if output != "-" else ""))
+
+
+@app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="A trained run directory.")],
+    cluster: Annotated[Optional[int], typer.Option("--cluster", "-c", help="Cluster to draw.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Draw every cluster, one row each.")] = False,
+    n: Annotated[int, typer.Option("-n", help="Samples per cluster.")] = 16,
+    seed: Annotated[int, typer.Option(help="Random seed of the samples.")] = 0,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="FILE.png for a grid, or a folder for one PNG per sample.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+):
+    """Draw images of one cluster (--cluster K) or of all (--all); prints the written paths."""
+    from imgcluster.inference import generate_images, save_grid
+
+    if (cluster is None) == (not all_):
+        fail("give exactly one of --cluster K or --all", EXIT_USAGE)
+    if n < 1:
+        fail(f"-n: must be at least 1, got {n}", EXIT_USAGE)
+    cfg, method = load_run_or_exit(run_dir, device)
+    if cluster is not None and not 0 <= cluster < cfg.clusters:
+        fail(f"--cluster {cluster}: out of range, this run has clusters 0..{cfg.clusters - 1}", EXIT_USAGE)
+    clusters = list(range(cfg.clusters)) if all_ else [cluster]
+    images = generate_images(method, clusters, n, seed)
+    name = "all" if all_ else f"cluster-{cluster:03d}"
+    target = output or run_dir / "generated" / f"{name}.png"
+    if target.suffix.lower() == ".png":
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_grid(images, target, nrow=n if all_ else min(n, 8))
+        print(target)
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        path = target / f"cluster-{clusters[i // n]:03d}-{i % n:04d}.png"
+        save_grid(img[None], path, nrow=1)
+        print(path)
+
+
+@app.command()
+def evaluate(
+    source: Annotated[Path, typer.Argument(help="A run directory or an assignments CSV.")],
+    labels: Annotated[Optional[Path], typer.Option(help="CSV of path,label.")] = None,
+    labels_from_folders: Annotated[bool, typer.Option(help="Each image's class is its folder's name.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout instead of a table on stderr.")] = False,
+):
+    """Score clusters against labels: ACC (Hungarian, majority vote, balanced), NMI, ARI, purity."""
+    from imgcluster.evaluation import labels_from_csv, labels_from_folders as folder_labels, score
+    from imgcluster.inference import read_assignments
+
+    if (labels is None) == (not labels_from_folders):
+        fail("give exactly one of --labels FILE.csv or --labels-from-folders", EXIT_USAGE)
+    csv_path = source / "assignments.csv" if source.is_dir() else source
+    if not csv_path.is_file():
+        fail(f"{csv_path}: no such file (train writes RUN_DIR/assignments.csv; assign -o writes one)", EXIT_USAGE)
+    if labels is not None and not labels.is_file():
+        fail(f"--labels {labels}: no such file", EXIT_USAGE)
+    num_clusters = None
+    if source.is_dir():
+        from imgcluster.rundir import RunDir, load_config
+
+        with errors_as_exit_codes():
+            num_clusters = load_config(RunDir(source)).clusters
+    try:
+        rows = read_assignments(csv_path)
+        label_map = labels_from_csv(labels) if labels else folder_labels(rows)
+        result = score(rows, label_map, num_clusters)
+    except ValueError as e:
+        fail(str(e), EXIT_USAGE)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    print_scores(result)
+
+
+def print_scores(result: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{result['n']} images, {result['classes']} classes, {result['clusters_used']} clusters used")
+    table.add_column("score")
+    table.add_column("value", justify="right")
+    names = [("acc", "ACC (Hungarian)"), ("acc_majority", "ACC (majority vote)"), ("acc_balanced", "ACC (balanced, C3-GAN)"),
+             ("nmi", "NMI (arithmetic)"), ("nmi_max", "NMI (max, C3-GAN code)"), ("ari", "ARI"), ("purity", "purity")]
+    for key, label in names:
+        if key in result:
+            table.add_row(label, f"{result[key]:.4f}")
+    sizes = result.get("sizes", {})
+    if sizes:
+        table.add_row("cluster size min / median / max", f"{sizes['min']} / {sizes['median']:.0f} / {sizes['max']}")
+    console.err.print(table)
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the digits and the run.")] = Path("imgcluster-demo"),
+    steps: Annotated[Optional[int], typer.Option(help="Training steps [default: the demo preset's].")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+):
+    """No data needed: cluster scikit-learn's 1,797 bundled 8x8 digits on the CPU and score the result."""
+    from imgcluster.demo import write_digits
+    from imgcluster.evaluation import labels_from_folders as folder_labels, score
+    from imgcluster.inference import read_assignments
+
+    data_dir = write_digits(out_dir / "digits")
+    console.info(f"wrote {data_dir}: 1,797 digit images in one folder per class")
+    with errors_as_exit_codes():
+        flags = {"clusters": 10, "steps": steps, "method": None, "image_size": None, "batch_size": None, "seed": None}
+        cfg, run, resuming = build_config(data_dir, out_dir / "run", flags, "demo", [], restart=True)
+        run_training(cfg, run, device_or_exit("cpu"), False, quiet)
+    rows = read_assignments(run.assignments)
+    result = score(rows, folder_labels(rows), cfg.clusters)
+    print_scores(result)
+    print(json.dumps({k: result[k] for k in ("acc", "nmi", "ari")}))
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

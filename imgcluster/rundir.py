@@ -1,0 +1,99 @@
+"""The run directory: where each file lives, and how a later command rebuilds the method from it."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from imgcluster import __version__
+from imgcluster.checkpoint import MODEL_FORMAT, CheckpointError, atomic_write_text, read_state, write_state
+from imgcluster.config import ConfigError, TrainConfig, config_from_dict, dump_config
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model.safetensors"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint" / "state.safetensors"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def assignments(self) -> Path:
+        return self.root / "assignments.csv"
+
+    @property
+    def bad_images(self) -> Path:
+        return self.root / "bad_images.csv"
+
+    @property
+    def sheets(self) -> Path:
+        return self.root / "sheets"
+
+    def make(self) -> None:
+        for folder in (self.root, self.checkpoint.parent, self.samples):
+            folder.mkdir(parents=True, exist_ok=True)
+
+
+def versions() -> dict:
+    return {"imgcluster": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def save_config(run: RunDir, cfg: TrainConfig) -> None:
+    atomic_write_text(run.config, dump_config(cfg, {"versions": versions()}))
+
+
+def load_config(run: RunDir) -> TrainConfig:
+    if not run.config.is_file():
+        raise ConfigError(f"{run.root}: not a run directory (no config.yaml)")
+    try:
+        data = yaml.safe_load(run.config.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{run.config}: malformed YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{run.config}: expected a mapping of settings")
+    return config_from_dict(data, str(run.config))
+
+
+def save_model(run: RunDir, method, cfg: TrainConfig, step: int) -> None:
+    """Inference weights (every network, buffers included) with format, method and config in the metadata."""
+    state = {name: net.state_dict() for name, net in method.networks().items()}
+    write_state(run.model, state, MODEL_FORMAT,
+                {"method": cfg.method, "step": step, "config": dump_config(cfg), "imgcluster_version": __version__})
+
+
+def load_model(run: RunDir, device: torch.device):
+    """Rebuild the method of a finished run from its directory alone: (cfg, method) in eval mode."""
+    from imgcluster.methods import METHODS
+
+    cfg = load_config(run)
+    if not run.model.is_file():
+        raise CheckpointError(f"{run.model}: missing; has training finished? (run `imgcluster train` again to resume)")
+    state, meta = read_state(run.model, MODEL_FORMAT, device="cpu")
+    if meta.get("method") != cfg.method:
+        raise CheckpointError(f"{run.model}: made by method {meta.get('method')!r} but config.yaml says {cfg.method!r}")
+    method = METHODS[cfg.method](cfg, device)
+    for name, net in method.networks().items():
+        net.load_state_dict(state[name])
+        net.eval()
+    return cfg, method

@@ -56,7 +56,7 @@ class RunDir:
 
 
 def versions() -> dict:
-    return {"imgcluster": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    return {"imgcluster": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
 
 
 def save_config(run: RunDir, cfg: TrainConfig) -> None:

@@ -211,6 +211,7 @@ class Discriminator(nn.Module):
         # Centroids l = psi_c(I_K): a Linear(K -> h_dim) applied to the identity.
         self.centroids = nn.Linear(cfg.clusters, cfg.h_dim)
         self.register_buffer("eye", torch.eye(cfg.clusters), persistent=False)
+        self.loop_logits = False        # literal per-cluster loop in cluster_logits (benchmarks only)
 
     def forward(self, x):
         feats = self.trunk(x)
@@ -218,14 +219,14 @@ class Discriminator(nn.Module):
         h = self.sem_head(feats).flatten(1)                               # (B, h_dim)
         return r, h
 
-    def cluster_logits(self, h, loop: bool = False):
+    def cluster_logits(self, h, loop: bool | None = None):
         """eq. 3: cosine similarity to every centroid / tau, (B, K).
 
         `loop=True` computes one cluster at a time, as a literal reading of eq. 3 (benchmarks only).
         """
         centroids = F.normalize(self.centroids(self.eye), dim=1)         # (K, h_dim)
         h = F.normalize(h, dim=1)
-        if loop:
+        if self.loop_logits if loop is None else loop:
             return torch.stack([h @ centroids[k] for k in range(centroids.shape[0])], dim=1) / self.cfg.tau
         return h @ centroids.t() / self.cfg.tau
 

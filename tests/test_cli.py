@@ -1,0 +1,235 @@
+"""The commands end to end on real MNIST images with the tiny CPU preset."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from imgcluster.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def files_under(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def trained(mnist_200, tmp_path_factory):
+    """One tiny run (20 steps) shared by the read-only checks below."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    result = run("train", mnist_200, "--clusters", 10, "--preset", "cpu-tiny", "--steps", 20, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    return out
+
+
+def test_train_writes_every_file_of_the_run_directory(trained, mnist_200):
+    for name in ("config.yaml", "model.safetensors", "checkpoint/state.safetensors", "metrics.jsonl",
+                 "assignments.csv", "bad_images.csv"):
+        assert (trained / name).is_file(), name
+    assert sorted(p.name for p in (trained / "samples").iterdir()) == ["step-0000010.png", "step-0000020.png"]
+    sheets = sorted(p.name for p in (trained / "sheets").iterdir())
+    assert sheets == [f"cluster-{k:03d}.png" for k in range(10)]
+    cfg = yaml.safe_load((trained / "config.yaml").read_text())
+    assert cfg["method"] == "c3gan" and cfg["clusters"] == 10 and cfg["image_size"] == 16
+    assert cfg["c3gan"]["ngf"] == 16 and "torch" in cfg["versions"]
+    lines = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [5, 10, 15, 20]
+    assert {"d_loss", "g_loss", "images_per_s", "elapsed_s"} <= set(lines[0])
+    with open(trained / "assignments.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == files_under(mnist_200) == 200
+    assert all(0 <= int(r["cluster"]) < 10 and 0 < float(r["confidence"]) <= 1 for r in rows)
+
+
+def test_losses_move_during_training(trained):
+    lines = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["d_loss"] != lines[-1]["d_loss"] and lines[0]["g_loss"] != lines[-1]["g_loss"]
+
+
+def test_model_file_carries_format_and_config(trained):
+    from safetensors import safe_open
+
+    with safe_open(str(trained / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "imgcluster-model" and meta["format_version"] == "1"
+    assert meta["method"] == "c3gan" and yaml.safe_load(meta["config"])["clusters"] == 10
+
+
+def test_assign_prints_one_row_per_file(trained, mnist_200):
+    result = run("assign", trained)
+    assert result.exit_code == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert len(rows) == files_under(mnist_200)
+    assert list(rows[0]) == ["path", "cluster", "confidence", "error"]
+    assert [r["path"] for r in rows] == sorted(r["path"] for r in rows)
+    # the same model gives the same answers as the CSV written at the end of training
+    with open(trained / "assignments.csv") as f:
+        assert [r["cluster"] for r in csv.DictReader(f)] == [r["cluster"] for r in rows]
+
+
+def test_assign_jsonl_and_sheets(trained, tmp_path):
+    result = run("assign", trained, "--format", "jsonl", "-o", tmp_path / "a.jsonl", "--sheets", tmp_path / "sheets")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == ""
+    lines = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert len(lines) == 200 and set(lines[0]) == {"path", "cluster", "confidence", "error"}
+    assert len(list((tmp_path / "sheets").glob("cluster-*.png"))) == 10
+
+
+def test_generate_one_cluster_and_all(trained, tmp_path):
+    result = run("generate", trained, "--cluster", 3, "-n", 4, "-o", tmp_path / "c3.png")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "c3.png")
+    w, h = Image.open(tmp_path / "c3.png").size
+    assert (w, h) == (4 * 17 + 1, 17 + 1)                  # 4 tiles of 16 px with 1 px padding
+    result = run("generate", trained, "--all", "-n", 2, "-o", tmp_path / "each")
+    assert result.exit_code == 0
+    assert len(result.stdout.split()) == 20 == len(list((tmp_path / "each").glob("*.png")))
+
+
+def test_generate_is_reproducible(trained, tmp_path):
+    run("generate", trained, "--cluster", 1, "-o", tmp_path / "a.png", "--seed", 5)
+    run("generate", trained, "--cluster", 1, "-o", tmp_path / "b.png", "--seed", 5)
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_evaluate_from_folders_and_labels_csv(trained, mnist_200, tmp_path):
+    result = run("evaluate", trained, "--labels-from-folders", "--json")
+    assert result.exit_code == 0, result.stderr
+    scores = json.loads(result.stdout)
+    assert scores["n"] == 200 and scores["classes"] == 10
+    for key in ("acc", "nmi", "nmi_max", "ari", "purity"):
+        assert 0 <= scores[key] <= 1 or key == "ari"
+    # a labels CSV in the shared sets' layout (paths from the set's root) matches by suffix
+    labels = tmp_path / "labels.csv"
+    with open(labels, "w") as f:
+        f.write("path,label\n")
+        for p in sorted(mnist_200.rglob("*.png")):
+            f.write(f"images/{p.relative_to(mnist_200).as_posix()},{p.parent.name}\n")
+    again = json.loads(run("evaluate", trained / "assignments.csv", "--labels", labels, "--json").stdout)
+    assert again["acc"] == scores["acc"] and again["n"] == 200
+    table = run("evaluate", trained, "--labels-from-folders")
+    assert table.exit_code == 0 and table.stdout == "" and "NMI" in table.stderr
+
+
+def test_resume_continues_at_the_saved_step(trained, mnist_200, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    result = run("train", mnist_200, "--out", copy, "--steps", 30)
+    assert result.exit_code == 0, result.stderr
+    assert "resuming" in result.stderr
+    steps = [json.loads(x)["step"] for x in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 15, 20, 25, 30]
+
+
+def test_resumed_run_equals_uninterrupted_run(mnist_200, tmp_path):
+    common = ["--clusters", 10, "--preset", "cpu-tiny", "--quiet", "--seed", 3, "--set", "checkpoint_every=7"]
+    assert run("train", mnist_200, *common, "--steps", 16, "--out", tmp_path / "whole").exit_code == 0
+    assert run("train", mnist_200, *common, "--steps", 9, "--out", tmp_path / "split").exit_code == 0
+    assert run("train", mnist_200, *common, "--steps", 16, "--out", tmp_path / "split").exit_code == 0
+    whole = load_file(tmp_path / "whole" / "checkpoint" / "state.safetensors")
+    split = load_file(tmp_path / "split" / "checkpoint" / "state.safetensors")
+    assert whole.keys() == split.keys()
+    for key in whole:
+        assert (whole[key] == split[key]).all(), key
+    metrics = lambda run_dir: [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # Losses logged after the first full window past the resume point are the same, digit for digit
+    # (the split run also logged its last step, 9, so the 6-10 window differs in what it averages).
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("images_per_s", "elapsed_s")}
+                          for r in rows if r["step"] > 10]
+    assert strip(metrics(tmp_path / "whole")) == strip(metrics(tmp_path / "split"))
+    assert [r["step"] for r in metrics(tmp_path / "split")] == [5, 9, 10, 15, 16]
+
+
+def test_resume_refuses_other_settings(trained, mnist_200):
+    result = run("train", mnist_200, "--out", trained, "--clusters", 12)
+    assert result.exit_code == 2
+    assert "clusters" in result.stderr and "--restart" in result.stderr
+
+
+def test_dry_run_prints_config_and_trains_nothing(mnist_200, tmp_path):
+    result = run("train", mnist_200, "--clusters", 7, "--preset", "cpu-tiny", "--out", tmp_path / "r", "--dry-run",
+                 "--set", "c3gan.ngf=8")
+    assert result.exit_code == 0, result.stderr
+    cfg = yaml.safe_load(result.stdout)
+    assert cfg["clusters"] == 7 and cfg["c3gan"]["ngf"] == 8 and cfg["image_size"] == 16
+    assert "200 files" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["train", "{missing}", "--clusters", "3"], 2, "no such folder"),
+    (["train", "{data}", "--clusters", "3", "--preset", "nope"], 2, "unknown preset"),
+    (["train", "{data}", "--clusters", "3", "--set", "c3gan.ngff=3"], 2, "c3gan.ngff"),
+    (["train", "{data}", "--clusters", "3", "--set", "steps=many"], 2, "steps"),
+    (["train", "{data}", "--clusters", "3", "--image-size", "48"], 2, "image_size"),
+    (["train", "{data}"], 2, "--clusters"),
+    (["train", "{data}", "--clusters", "3", "--device", "cuda"], 2, "CUDA"),
+    (["train", "{empty}", "--clusters", "3"], 3, "no usable images"),
+    (["train", "{data}", "--clusters", "500", "--preset", "cpu-tiny"], 3, "fewer than the 500 clusters"),
+])
+def test_bad_usage_gives_one_line_and_exit_code(args, code, words, mnist_200, tmp_path):
+    if "--device" in args:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    (tmp_path / "empty").mkdir()
+    paths = {"missing": tmp_path / "missing", "data": mnist_200, "empty": tmp_path / "empty"}
+    result = run(*[a.format(**paths) for a in args], "--out", tmp_path / "run")
+    assert result.exit_code == code, result.stderr
+    assert words in result.stderr
+    assert result.stderr.count("error:") == 1
+
+
+def test_generate_cluster_out_of_range(trained):
+    result = run("generate", trained, "--cluster", 10)
+    assert result.exit_code == 2 and "out of range" in result.stderr
+
+
+def test_preset_from_yaml_file(mnist_200, tmp_path):
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("image_size: 32\nc3gan:\n  ngf: 8\n")
+    result = run("train", mnist_200, "--clusters", 4, "--preset", preset, "--dry-run")
+    assert result.exit_code == 0 and yaml.safe_load(result.stdout)["c3gan"]["ngf"] == 8
+    preset.write_text("image_size: [32\n")
+    result = run("train", mnist_200, "--clusters", 4, "--preset", preset, "--dry-run")
+    assert result.exit_code == 2 and "malformed YAML" in result.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(mnist_200, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "imgcluster", "train", str(mnist_200), "--clusters", "10", "--preset", "cpu-tiny",
+           "--steps", "100000", "--out", str(out), "--set", "checkpoint_every=100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    from safetensors import safe_open
+
+    with safe_open(str(out / "checkpoint" / "state.safetensors"), "pt") as f:
+        assert int(f.metadata()["step"]) >= 5

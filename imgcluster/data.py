@@ -13,12 +13,13 @@ import csv
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import re
 import stat
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -306,17 +307,40 @@ def _decode_all(root, files, size, max_pixels, workers, progress, put_block) -> 
             progress(len(reasons), n)
 
     if workers > 1 and n >= SEQUENTIAL_BELOW:
-        try:
-            with ProcessPoolExecutor(workers) as pool:
-                jobs = pool.map(_decode_chunk, *zip(*[(root, files[s:s + chunk], size, max_pixels) for s in starts]))
-                for s, (block, rs) in zip(starts, jobs):    # map() yields in order: rows stream out in order
-                    done(s, block, rs)
+        if _decode_parallel(root, files, size, max_pixels, workers, starts, chunk, done):
             return reasons
-        except (OSError, RuntimeError) as e:   # BrokenProcessPool, no semaphores: finish in this process
-            log.warning("parallel decoding failed (%s); continuing in one process", e)
-    for s in range(len(reasons), n, chunk):
-        done(s, *_decode_chunk(root, files[s:s + chunk], size, max_pixels))
+    for s in range(len(reasons), n):           # one file at a time, resuming after any parallel chunks
+        done(s, *_decode_chunk(root, files[s:s + 1], size, max_pixels))
     return reasons
+
+
+def _decode_parallel(root, files, size, max_pixels, workers, starts, chunk, done) -> bool:
+    """Decode chunks in worker processes, passing results to done() in order; False if the pool broke.
+
+    Workers come from 'forkserver' (or 'spawn'), never a fork of this process, which may hold CUDA
+    state or threads (a progress bar) whose locks a forked child would inherit.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    pool = None
+    try:
+        pool = ProcessPoolExecutor(workers, mp_context=context)
+        jobs = pool.map(_decode_chunk, *zip(*[(root, files[s:s + chunk], size, max_pixels) for s in starts]))
+    except (BrokenExecutor, OSError) as e:      # no semaphores / cannot start processes
+        log.warning("cannot start decoding workers (%s); decoding in one process", e)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return False
+    with pool:
+        for s in starts:
+            try:
+                block, reasons = next(jobs)     # map() yields in order, so rows stream out in order
+            except (BrokenExecutor, OSError) as e:
+                log.warning("parallel decoding failed (%s); finishing in one process", e)
+                pool.shutdown(wait=True, cancel_futures=True)
+                return False
+            done(s, block, reasons)             # errors here (disk full) are the caller's, not the pool's
+    return True
 
 
 def load_image_set(root, size: int, *, cache_dir: Path | None = None, files: list[str] | None = None,
@@ -333,7 +357,9 @@ def load_image_set(root, size: int, *, cache_dir: Path | None = None, files: lis
     files = scan_folder(root) if files is None else list(files)
     if not files:
         raise DataError(f"{root}: no files found (the folder is empty or holds only hidden files)")
-    workers = min(os.cpu_count() or 1, 8) if workers is None else max(1, workers)
+    if workers is None:                 # the CPUs this process may use (containers), at most 8
+        workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
+    workers = max(1, workers)
     n, shape = len(files), (len(files), size, size, 3)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = _cache_key(root, files, size, max_pixels)
@@ -348,8 +374,11 @@ def load_image_set(root, size: int, *, cache_dir: Path | None = None, files: lis
         except OSError as e:
             log.warning("cannot write image cache in %s (%s); keeping images in memory", cache_dir, e.strerror or e)
             images = np.zeros(shape, np.uint8)
-            reasons = _decode_all(root, files, size, max_pixels, workers, progress,
-                                  lambda s, block: images.__setitem__(slice(s, s + len(block)), block))
+
+            def put_block(start, block):
+                images[start:start + len(block)] = block
+
+            reasons = _decode_all(root, files, size, max_pixels, workers, progress, put_block)
             images.flags.writeable = False
             hit = images, np.array([not r for r in reasons], dtype=bool), reasons
     elif progress:

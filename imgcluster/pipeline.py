@@ -49,8 +49,10 @@ def cache_size(cfg: TrainConfig) -> int:
 def prepare_images(data_dir: Path, size: int, *, files: list[str] | None = None,
                    progress: Callable[[int, int], None] | None = None) -> ImageSet:
     """Scan (unless `files` is given) and decode every file once into the uint8 cache."""
-    return load_image_set(data_dir, size, files=files if files is not None else scan_folder(data_dir),
-                          progress=progress)
+    files = files if files is not None else scan_folder(data_dir)
+    if not files:
+        raise NoUsableImages(f"{data_dir}: no usable images (no files found; hidden files are skipped)")
+    return load_image_set(data_dir, size, files=files, progress=progress)
 
 
 def check_usable(images: ImageSet, clusters: int) -> None:

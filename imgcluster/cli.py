@@ -50,6 +50,15 @@ def errors_as_exit_codes():
         fail(f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}".lstrip(": "), EXIT_RUNTIME)
 
 
+def data_stdout():
+    """stdout for data: file names that are not UTF-8 go out as their original bytes."""
+    try:
+        sys.stdout.reconfigure(errors="surrogateescape")
+    except (AttributeError, ValueError):
+        pass
+    return sys.stdout
+
+
 def device_or_exit(name: str):
     from imgcluster.pipeline import resolve_device
 
@@ -116,17 +125,18 @@ def build_config(data_dir: Path, run_root: Path | None, flags: dict, preset: str
     return cfg, RunDir(run_root), False
 
 
-def run_training(cfg, run, device, resuming: bool, quiet: bool) -> None:
+def run_training(cfg, run, device, resuming: bool, quiet: bool, strict: bool = False,
+                 max_pixels: int | None = None) -> None:
     """Scan, cache, train, assign, draw sheets; shared by `train` and `demo`."""
     from imgcluster import pipeline, training
-    from imgcluster.data import scan_folder
+    from imgcluster.data import DEFAULT_MAX_PIXELS
 
     data_dir = Path(cfg.data_dir)
-    files = scan_folder(data_dir)
     with console.Reporter("caching images", quiet) as rep:
-        images = pipeline.prepare_images(data_dir, pipeline.cache_size(cfg), files=files,
+        images = pipeline.prepare_images(data_dir, pipeline.cache_size(cfg), strict=strict,
+                                         max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
                                          progress=lambda d, t: rep.update(d, t))
-    bad = len(images.files) - int(images.ok.sum())
+    bad = pipeline.record_bad_images(run, images)
     console.info(f"{len(images.files)} files: {len(images.files) - bad} usable images, {bad} not usable"
                  + (f" (listed in {run.bad_images})" if bad else ""))
     pipeline.check_usable(images, cfg.clusters)
@@ -144,7 +154,7 @@ def run_training(cfg, run, device, resuming: bool, quiet: bool) -> None:
             code = 130 if e.signum == signal.SIGINT else 143
             console.info(f"checkpoint saved at step {e.step} in {run.checkpoint}; run the same command to resume")
             raise typer.Exit(code)
-        except training.NonFiniteLoss as e:
+        except (training.NonFiniteLoss, training.CheckpointSaveError) as e:
             fail(str(e), EXIT_RUNTIME)
     summary = pipeline.finish_run(run, device, images)
     console.info(f"assigned {summary['images']} images to {summary['clusters_used']} of {cfg.clusters} clusters: "
@@ -166,6 +176,8 @@ def train(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: key=value.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved config and the scan summary, then exit.")] = False,
     restart: Annotated[bool, typer.Option(help="Start over instead of resuming RUN_DIR.")] = False,
+    strict: Annotated[bool, typer.Option(help="Stop if any file cannot be used (default: list it and go on).")] = False,
+    max_pixels: Annotated[Optional[int], typer.Option(help="Largest image accepted, in pixels (decompression-bomb guard).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ):
     """Train a clustering GAN on DATA_DIR; re-running on the same run directory resumes."""
@@ -190,7 +202,7 @@ def train(
             console.info(f"{data_dir}: {len(files)} files found; run directory {run.root} "
                          f"({'resume' if resuming else 'new run'}); nothing trained (--dry-run)")
             return
-        run_training(cfg, run, dev, resuming, quiet)
+        run_training(cfg, run, dev, resuming, quiet, strict, max_pixels)
     print(run.root)
 
 
@@ -218,10 +230,13 @@ def assign(
     sheets: Annotated[Optional[Path], typer.Option(help="Also write per-cluster sheets into this folder.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per inference batch.")] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    strict: Annotated[bool, typer.Option(help="Stop if any file cannot be used.")] = False,
+    max_pixels: Annotated[Optional[int], typer.Option(help="Largest image accepted, in pixels.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ):
     """Write path,cluster,confidence,error for every file found (unusable files keep their row)."""
     from imgcluster import pipeline
+    from imgcluster.data import DEFAULT_MAX_PIXELS
     from imgcluster.inference import assign_images, write_assignments, write_sheets
 
     if fmt not in ("csv", "jsonl"):
@@ -232,8 +247,11 @@ def assign(
         fail(f"DATA_DIR {folder}: no such folder", EXIT_USAGE)
     with errors_as_exit_codes():
         with console.Reporter("caching images", quiet) as rep:
-            images = pipeline.prepare_images(folder, pipeline.cache_size(cfg), progress=lambda d, t: rep.update(d, t))
-        out = sys.stdout if output == "-" else open(output, "w", newline="", encoding="utf-8", errors="surrogateescape")
+            images = pipeline.prepare_images(folder, pipeline.cache_size(cfg), strict=strict,
+                                             max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+                                             progress=lambda d, t: rep.update(d, t))
+        out = data_stdout() if output == "-" else open(output, "w", newline="", encoding="utf-8",
+                                                       errors="surrogateescape")
         try:
             rows = write_assignments(assign_images(method, images, batch_size), out, fmt)
         finally:

@@ -18,7 +18,7 @@ PLAIN_EVERY_S = 5.0
 
 
 def info(message: str) -> None:
-    err.print(message, markup=False)
+    err.print(message, markup=False, soft_wrap=True)
 
 
 def error_line(message: str) -> None:

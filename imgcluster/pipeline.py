@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 
 from imgcluster.config import TrainConfig
-from imgcluster.data import ImageSet, load_image_set, scan_folder, write_bad_images
+from imgcluster.data import DEFAULT_MAX_PIXELS, ImageSet, load_image_set, scan_folder, write_bad_images
 from imgcluster.inference import assign_images, write_assignments, write_sheets
 from imgcluster.rundir import RunDir, load_model
 
 
 class NoUsableImages(RuntimeError):
-    """The folder has no usable image, or fewer than the clusters asked for (exit code 3)."""
+    """The folder has no usable image, fewer than the clusters asked for, or (--strict) any bad file (exit 3)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,13 +46,29 @@ def cache_size(cfg: TrainConfig) -> int:
     return METHODS[cfg.method].cache_size(cfg)
 
 
-def prepare_images(data_dir: Path, size: int, *, files: list[str] | None = None,
+def prepare_images(data_dir: Path, size: int, *, files: list[str] | None = None, strict: bool = False,
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS,
                    progress: Callable[[int, int], None] | None = None) -> ImageSet:
-    """Scan (unless `files` is given) and decode every file once into the uint8 cache."""
+    """Scan (unless `files` is given) and decode every file once into the uint8 cache.
+
+    `strict` makes any unusable file an error; `max_pixels` is the decompression-bomb limit.
+    """
     files = files if files is not None else scan_folder(data_dir)
     if not files:
         raise NoUsableImages(f"{data_dir}: no usable images (no files found; hidden files are skipped)")
-    return load_image_set(data_dir, size, files=files, progress=progress)
+    images = load_image_set(data_dir, size, files=files, max_pixels=max_pixels, progress=progress)
+    bad = images.bad()
+    if strict and bad:
+        path, reason = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise NoUsableImages(f"{data_dir / path}: {reason}{more}; --strict stops on any unusable file")
+    return images
+
+
+def record_bad_images(run: RunDir, images: ImageSet) -> int:
+    """Write RUN_DIR/bad_images.csv (header only when every file is usable); returns the count."""
+    run.make()
+    return write_bad_images(run.bad_images, images)
 
 
 def check_usable(images: ImageSet, clusters: int) -> None:
@@ -65,7 +81,6 @@ def check_usable(images: ImageSet, clusters: int) -> None:
 
 def finish_run(run: RunDir, device: torch.device, images: ImageSet, batch_size: int = 256) -> dict:
     """Assign the training images and draw every cluster's sheet, from the saved model alone."""
-    write_bad_images(run.bad_images, images)
     cfg, method = load_model(run, device)
     tmp = run.assignments.with_name(run.assignments.name + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:

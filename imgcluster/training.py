@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torchvision.utils import save_image
 
-from imgcluster.checkpoint import CHECKPOINT_FORMAT, read_state, write_state
+from imgcluster.checkpoint import CHECKPOINT_FORMAT, atomic_write_text, read_state, write_state
 from imgcluster.config import TrainConfig
 from imgcluster.data import ImageSet
 from imgcluster.rundir import RunDir, save_config, save_model
@@ -37,6 +37,10 @@ class Interrupted(Exception):
 
 class NonFiniteLoss(RuntimeError):
     """A loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (e.g. a full disk); the previous one is kept."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,7 +96,12 @@ def save_checkpoint(run: RunDir, method, step: int, device: torch.device) -> Non
         "optimizers": {name: opt.state_dict() for name, opt in method.optimizers().items()},
         "rng": rng_state(device),
     }
-    write_state(run.checkpoint, state, CHECKPOINT_FORMAT, {"method": method.name, "step": step})
+    try:
+        write_state(run.checkpoint, state, CHECKPOINT_FORMAT, {"method": method.name, "step": step})
+    except OSError as e:
+        kept = "the previous checkpoint is kept" if run.checkpoint.exists() else "no earlier checkpoint exists"
+        raise CheckpointSaveError(f"{run.checkpoint}: cannot save the checkpoint of step {step}: "
+                                  f"{e.strerror or e}; {kept}") from None
 
 
 def load_checkpoint(run: RunDir, method, device: torch.device) -> int:
@@ -110,9 +119,14 @@ def trim_metrics(path: Path, step: int) -> None:
     """Drop metric lines logged after `step`, so a resumed run's log has each step once."""
     if not path.exists():
         return
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:
+            continue                  # a line torn by a crash mid-write
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,3 +53,35 @@ def mask_regulariser(mask: torch.Tensor, low: float = 0.1, high: float = 0.9) ->
     m = mask.clamp(1e-6, 1 - 1e-6)
     binary_entropy = -(m * torch.log2(m) + (1 - m) * torch.log2(1 - m)).mean()
     return area_term + binary_entropy
+
+
+# ---------------------------------------------------------------------------------------------
+# slcGAN
+# ---------------------------------------------------------------------------------------------
+
+def hinge_d_split(u_real: torch.Tensor, s_real: torch.Tensor,
+                  u_fake: torch.Tensor, s_fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm 1 lines 14-15 (D side): the hinge split across the unary and the joint terms.
+
+    Returns (unary, joint) = (relu(1 - u_r) + relu(1 + u_f), relu(1 - s_r) + relu(1 + s_f)), each a
+    batch mean; D minimises their sum. u: D's image-only output, s: its projection on the label, (B,).
+    """
+    return hinge_d(u_real, u_fake), hinge_d(s_real, s_fake)
+
+
+def hinge_g_split(u_fake: torch.Tensor, s_fake: torch.Tensor) -> torch.Tensor:
+    """Algorithm 1 line 20 (G side): mean(-u_f - s_f)."""
+    return hinge_g(u_fake) + hinge_g(s_fake)
+
+
+def multiview_consistency(logits: torch.Tensor, logits_aug: torch.Tensor, detach_target: bool = False) -> torch.Tensor:
+    """eq. 5, L_aug: mean over images of sum_j -q_j log p_j, logits (B, K) each.
+
+    p = softmax(C(x)) from `logits`, q = softmax(C(T(x))) from `logits_aug`. With `detach_target`,
+    q is a fixed target (no gradient through the augmented view); otherwise both sides get one,
+    as Algorithm 1 line 28 differentiates the whole sum.
+    """
+    q = logits_aug.softmax(dim=1)
+    if detach_target:
+        q = q.detach()
+    return -(q * logits.log_softmax(dim=1)).sum(dim=1).mean()

@@ -324,3 +324,29 @@ def test_sigterm_saves_and_exits_143(tmp_path, mnist_200):
     assert proc.returncode == 143, err.decode()
     assert _checkpoint_step(out) >= 3
     assert "resume" in err.decode()
+
+
+def test_file_vanishing_or_locked_between_scan_and_load(tmp_path, monkeypatch):
+    import imgcluster.pipeline as pipeline
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):
+        Image.new("RGB", (12, 12), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    real_load = pipeline.load_image_set
+
+    def scan_then_lose_files(root, size, **kw):              # the scan has happened: now files go away
+        (folder / "1.png").unlink()
+        os.chmod(folder / "3.png", 0)
+        return real_load(root, size, **kw)
+
+    monkeypatch.setattr(pipeline, "load_image_set", scan_then_lose_files)
+    out = tmp_path / "run"
+    result = run("train", folder, "--clusters", 2, "--preset", "cpu-tiny", "--steps", 2, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    bad = {r["path"]: r["reason"] for r in csv.DictReader(open(out / "bad_images.csv"))}
+    assert bad["1.png"] == "unreadable: No such file or directory"
+    if os.geteuid() != 0:                                    # root reads a mode-000 file anyway
+        assert bad["3.png"] == "unreadable: Permission denied"
+    rows = list(csv.DictReader(open(out / "assignments.csv")))
+    assert [r["path"] for r in rows] == [f"{i}.png" for i in range(5)]

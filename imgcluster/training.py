@@ -61,6 +61,16 @@ def batch_indices(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
     return _epoch_permutation(n, seed, epoch)[i * batch: (i + 1) * batch]
 
 
+def step_indices(step_index: int, n: int, batch: int, seed: int, per_step: int = 1) -> torch.Tensor:
+    """Indices of the `per_step` consecutive batches of a step (0-based), concatenated: batch * per_step.
+
+    per_step = 1 is batch_indices(step_index) itself, so a one-batch method's data order is unchanged.
+    """
+    if per_step == 1:
+        return batch_indices(step_index, n, batch, seed)
+    return torch.cat([batch_indices(step_index * per_step + j, n, batch, seed) for j in range(per_step)])
+
+
 def training_tensor(images: ImageSet, device: torch.device) -> torch.Tensor:
     """The usable cached images as one (N, S0, S0, 3) uint8 tensor on the training device."""
     good = images.good_indices
@@ -170,6 +180,7 @@ def train(cfg: TrainConfig, run: RunDir, images: ImageSet, device: torch.device,
 
     data = training_tensor(images, device)
     n = data.shape[0]
+    per_step = getattr(method, "real_batches_per_step", 1)     # e.g. slcGAN: one real batch per D step
     sums: dict[str, torch.Tensor] = {}
     count, t_log, t_start = 0, time.perf_counter(), time.perf_counter()
 
@@ -181,7 +192,7 @@ def train(cfg: TrainConfig, run: RunDir, images: ImageSet, device: torch.device,
 
     step = start
     for step in range(start + 1, cfg.steps + 1):
-        idx = batch_indices(step - 1, n, cfg.batch_size, cfg.seed).to(device)
+        idx = step_indices(step - 1, n, cfg.batch_size, cfg.seed, per_step).to(device)
         losses = method.train_step(data[idx])
         for k, v in losses.items():
             sums[k] = sums[k] + v if k in sums else v.float()
@@ -190,8 +201,9 @@ def train(cfg: TrainConfig, run: RunDir, images: ImageSet, device: torch.device,
         if step % cfg.log_every == 0 or step == cfg.steps:
             check_finite(step)
             now = time.perf_counter()
+            # images_per_s counts real images consumed (batch_size * per_step per step).
             record = {"step": step, **{k: round(float(v) / count, 6) for k, v in sums.items()},
-                      "images_per_s": round(count * cfg.batch_size / (now - t_log), 2),
+                      "images_per_s": round(count * cfg.batch_size * per_step / (now - t_log), 2),
                       "elapsed_s": round(now - t_start, 2)}
             with open(run.metrics, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")

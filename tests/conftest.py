@@ -22,6 +22,7 @@ def unpack_subset(archive: Path, dest: Path, per_class: int, prefix: str = "test
         for m in members:
             by_class[Path(m.name).parent.name].append(m)
         chosen = [m for cls in sorted(by_class) for m in sorted(by_class[cls], key=lambda m: m.name)[:per_class]]
+        chosen.sort(key=lambda m: m.offset)          # archive order: a gzip stream cannot seek back cheaply
         tar.extractall(dest, members=chosen, filter="data")
     name = archive.name.split(".")[0]
     return dest / name / "images"

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from imgcluster import augment
 from imgcluster.config import ConfigError
+from imgcluster.methods.common import cached_side, eval_view, recalibrate_batchnorm
 from imgcluster.losses import entropy_regulariser, hinge_d, hinge_g, mask_regulariser, nt_xent
 from imgcluster.models.c3gan import C3GANConfig, Discriminator, Generator, init_weights
 
@@ -73,10 +74,7 @@ class C3GAN:
 
     # Everything a checkpoint or model file holds --------------------------------------------
 
-    @staticmethod
-    def cache_size(cfg) -> int:
-        """Side of the cached images: weak views are random crops of image_size from it."""
-        return max(cfg.image_size, round(cfg.image_size * cfg.method_settings.load_ratio))
+    cache_size = staticmethod(cached_side)      # images are cached at image_size * load_ratio
 
     def networks(self) -> dict:
         return {"generator": self.G, "discriminator": self.D}
@@ -159,29 +157,13 @@ class C3GAN:
     # Inference -------------------------------------------------------------------------------
 
     def eval_view(self, real_uint8: torch.Tensor) -> torch.Tensor:
-        """Inference view: the cached (short-side resized) image, centre-cropped."""
-        return augment.center_crop(augment.to_float(real_uint8), self.cfg.image_size)
+        return eval_view(real_uint8, self.cfg.image_size)
 
-    @torch.no_grad()
     def recalibrate(self, batches) -> None:
-        """Re-estimate D's BatchNorm statistics on real images alone (eval views).
-
-        During training the running statistics mix real, fake, masked and augmented batches; at
-        inference D sees only real images. A cumulative average over real batches fixes that.
-        """
-        if not self.s.recalibrate_bn:
-            return
-        bns = [m for m in self.D.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None
-        self.D.train()
-        for batch in batches:
-            if batch.shape[0] > 1:
-                self.D(self.eval_view(batch.to(self.device)))
-        for bn in bns:
-            bn.momentum = 0.1
-        self.D.eval()
+        """Re-estimate D's BatchNorm statistics on real images alone: during training they mix real, fake,
+        masked and augmented batches, and at inference D sees real images only."""
+        if self.s.recalibrate_bn:
+            recalibrate_batchnorm(self.D, (self.eval_view(b.to(self.device)) for b in batches))
 
     @torch.no_grad()
     def assign(self, real_uint8: torch.Tensor):

@@ -1,4 +1,6 @@
-"""Training speed: images per second of full training steps (D step + G step), per method and size.
+"""Training speed: images per second of full training steps, per method and size.
+
+A step is one D step + one G step for C3-GAN; two D steps, one G step and one C step for slcGAN.
 
 Run by hand, not by pytest:
 
@@ -56,9 +58,11 @@ def set_literal(method, literal: bool) -> None:
 
 
 def time_steps(method, data: torch.Tensor, batch: int, steps: int, warmup: int) -> float:
-    """Seconds per training step, after `warmup` untimed steps."""
+    """Seconds per training step, after `warmup` untimed steps (a step reads real_batches_per_step batches)."""
+    per_step = getattr(method, "real_batches_per_step", 1)
+
     def step(i):
-        idx = torch.randint(0, data.shape[0], (batch,))
+        idx = torch.randint(0, data.shape[0], (batch * per_step,))
         method.train_step(data[idx].to(method.device))
 
     for i in range(warmup):
@@ -108,10 +112,12 @@ def main() -> None:
                 set_literal(method, True)
             sec = time_steps(method, data, args.batch_size, args.steps, args.warmup)
             set_literal(method, False) if literal else None
+            # images/s counts real images read, as the training loop's metrics do (slcGAN: 2 batches a step)
+            real_per_step = args.batch_size * getattr(method, "real_batches_per_step", 1)
             rows.append({"method": args.method, "size": size, "variant": name, "batch": args.batch_size,
-                         "s_per_step": sec, "img_per_s": args.batch_size / sec,
+                         "s_per_step": sec, "img_per_s": real_per_step / sec,
                          "peak_mb": peak_memory_mb(device)})
-            print(f"{args.method} {size}px {name}: {sec:.3f} s/step, {args.batch_size / sec:.1f} img/s, "
+            print(f"{args.method} {size}px {name}: {sec:.3f} s/step, {rows[-1]['img_per_s']:.1f} img/s, "
                   f"peak {rows[-1]['peak_mb']:.0f} MB", file=sys.stderr, flush=True)
 
     if args.markdown:

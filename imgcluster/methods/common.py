@@ -1,0 +1,39 @@
+"""Pieces both methods share at inference time."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from imgcluster import augment
+
+
+def cached_side(cfg) -> int:
+    """Side of the cached images: image_size * load_ratio, so training views can be random crops."""
+    return max(cfg.image_size, round(cfg.image_size * cfg.method_settings.load_ratio))
+
+
+def eval_view(real_uint8: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Inference view: the cached (short-side resized) image, centre-cropped, (B, 3, S, S) in [-1, 1]."""
+    return augment.center_crop(augment.to_float(real_uint8), image_size)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(net: nn.Module, views) -> None:
+    """Re-estimate `net`'s BatchNorm running statistics as a cumulative average over `views`.
+
+    During training a network's running statistics mix every kind of batch it saw (real, fake,
+    masked, augmented); at inference it sees real images only. Leaves `net` in eval mode.
+    """
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None                 # cumulative moving average
+    net.train()
+    for x in views:
+        if x.shape[0] > 1:
+            net(x)
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+    net.eval()

@@ -1,0 +1,240 @@
+"""slcGAN as a training method: settings, Algorithm 1 (d_steps D steps, one G step, one C step), inference.
+
+The three networks play eq. 6 = lambda_1 L_adv (eq. 3, hinge form, split into unary and joint
+terms as in BigBiGAN) + lambda_2 L_mi (eq. 4, G only) + lambda_3 L_aug (eq. 5, C only):
+- D: hinge on u and s, real pairs (x, softmax(C(x))), fake pairs (G(z, c), onehot(c)).
+- G: -u_f - s_f + CE(C(G(z, c)), c); only G's parameters receive gradients (C is not updated by eq. 4).
+- C: mean(s_r) (C plays with G against D: it lowers D's joint score of real pairs) + L_aug over an
+  augmented view T(x) (random resized crop, flip, colour jitter); only C's parameters receive gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from imgcluster import augment
+from imgcluster.config import ConfigError
+from imgcluster.methods.common import cached_side, eval_view, recalibrate_batchnorm
+from imgcluster.losses import hinge_d_split, hinge_g_split, multiview_consistency
+from imgcluster.models.slcgan import Discriminator, Generator, SlcGANConfig, build_clusterer
+
+
+@dataclass
+class SlcGANSettings:
+    ch: int = 128                    # channel multiplier of G and D (paper: 128)
+    z_dim: int = 128
+    embed_dim: int = 128             # dense label embedding of G's conditional BatchNorm
+    lr: float = 1e-4                 # Adam, the same for G, D and C (paper)
+    betas: tuple[float, float] = (0.0, 0.999)   # the paper names none; BigGAN's (and the SN-GAN hinge setups')
+    d_steps: int = 2                 # D updates per G update (paper: 2); each takes its own real batch
+    w_adv: float = 1.0               # lambda_1, eq. 6
+    w_mi: float = 1.0                # lambda_2: CE(C(G(z, c)), c), eq. 4
+    w_aug: float = 1.0               # lambda_3: multi-view consistency, eq. 5
+    aug_detach_target: bool = False  # eq. 5 with q = softmax(C(T(x))) as a fixed target (see c_step)
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # T: RandomResizedCrop area range
+    ema: bool = False                # keep an exponential moving average of G for sampling
+    ema_decay: float = 0.9999
+    ema_start: int = 1000            # G steps before averaging starts (the copy follows G until then)
+    load_ratio: float = 9 / 8        # images are cached at image_size * load_ratio, then cropped
+    recalibrate_bn: bool = True      # re-estimate C's BatchNorm statistics on real images before inference
+
+    def validate(self):
+        for key in ("ch", "z_dim", "embed_dim", "d_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"slcgan.{key}: must be at least 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ConfigError(f"slcgan.lr: must be positive, got {self.lr}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"slcgan.betas: each must be in [0, 1), got {list(self.betas)}")
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ConfigError(f"slcgan.crop_scale: need 0 < low <= high <= 1, got {list(self.crop_scale)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"slcgan.ema_decay: must be in [0, 1), got {self.ema_decay}")
+        if self.ema_start < 0:
+            raise ConfigError(f"slcgan.ema_start: must be at least 0, got {self.ema_start}")
+        if self.load_ratio < 1:
+            raise ConfigError(f"slcgan.load_ratio: must be at least 1, got {self.load_ratio}")
+
+
+class SlcGAN:
+    name = "slcgan"
+    Settings = SlcGANSettings
+    # The loop hands train_step this many consecutive real batches per step: one per D step.
+    # The instance attribute set in __init__ follows the setting d_steps (default 2).
+    real_batches_per_step = 2
+
+    def __init__(self, cfg, device: torch.device):
+        s: SlcGANSettings = cfg.method_settings
+        self.cfg, self.s, self.device = cfg, s, device
+        self.real_batches_per_step = s.d_steps
+        self.net_cfg = SlcGANConfig(image_size=cfg.image_size, clusters=cfg.clusters, z_dim=s.z_dim,
+                                    ch=s.ch, embed_dim=s.embed_dim)
+        self.G = Generator(self.net_cfg).to(device)
+        self.D = Discriminator(self.net_cfg).to(device)
+        self.C = build_clusterer(self.net_cfg).to(device)
+        self.G_ema = None
+        if s.ema:
+            self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=s.lr, betas=s.betas)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=s.lr, betas=s.betas)
+        self.opt_c = torch.optim.Adam(self.C.parameters(), lr=s.lr, betas=s.betas)
+
+    # Everything a checkpoint or model file holds --------------------------------------------
+
+    cache_size = staticmethod(cached_side)      # images are cached at image_size * load_ratio
+
+    def networks(self) -> dict:
+        nets = {"generator": self.G, "discriminator": self.D, "clusterer": self.C}
+        if self.G_ema is not None:
+            nets["generator_ema"] = self.G_ema
+        return nets
+
+    def optimizers(self) -> dict:
+        return {"opt_g": self.opt_g, "opt_d": self.opt_d, "opt_c": self.opt_c}
+
+    # Training --------------------------------------------------------------------------------
+
+    def latents(self, batch: int):
+        """Fresh z ~ N(0, I) (B, z_dim) and cluster codes k ~ uniform p_c (B,) with their one-hots (B, K)."""
+        z = torch.randn(batch, self.s.z_dim, device=self.device)
+        k = torch.randint(0, self.cfg.clusters, (batch,), device=self.device)
+        return z, k, F.one_hot(k, self.cfg.clusters).float()
+
+    def augmented_view(self, real: torch.Tensor) -> torch.Tensor:
+        """T(x) of eq. 5: random resized crop, flip, colour jitter (the paper's cropping, colour jittering
+        and flipping), drawn from the cached image, (B, 3, S, S)."""
+        x = augment.random_resized_crop(real, self.cfg.image_size, scale=self.s.crop_scale)
+        return augment.color_jitter(augment.random_flip(x))
+
+    def d_step(self, real: torch.Tensor) -> dict:
+        """Algorithm 1 lines 10-15 on one real batch (B, 3, S0, S0) in [-1, 1]; only D is updated."""
+        batch = real.shape[0]
+        x = augment.weak_view(real, self.cfg.image_size)                  # (B, 3, S, S)
+        with torch.no_grad():
+            y_real = self.C(x).softmax(dim=1)                             # soft labels (B, K)
+            z, _, c = self.latents(batch)
+            x_fake = self.G(z, c)
+        # D has no BatchNorm, so one pass over [real; fake] equals two (and runs one power iteration).
+        u, s = self.D(torch.cat([x, x_fake]), torch.cat([y_real, c]))
+        (u_r, u_f), (s_r, s_f) = u.split(batch), s.split(batch)
+        d_unary, d_joint = hinge_d_split(u_r, s_r, u_f, s_f)
+        d_loss = self.s.w_adv * (d_unary + d_joint)
+        self.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.opt_d.step()
+        return {"d_loss": d_loss.detach(), "d_unary": d_unary.detach(), "d_joint": d_joint.detach(),
+                "d_real_u": u_r.detach().mean(), "d_fake_u": u_f.detach().mean()}
+
+    def g_step(self, batch: int) -> dict:
+        """Algorithm 1 lines 16-21: fresh z, c; adversarial terms + eq. 4 CE through C; only G is updated."""
+        z, k, c = self.latents(batch)
+        x_fake = self.G(z, c)
+        u_f, s_f = self.D(x_fake, c)
+        g_adv = hinge_g_split(u_f, s_f)                                   # line 20: mean(-u_f - s_f)
+        g_mi = F.cross_entropy(self.C(x_fake), k)                         # line 21, eq. 4
+        g_loss = self.s.w_adv * g_adv + self.s.w_mi * g_mi
+        self.opt_g.zero_grad(set_to_none=True)
+        # Gradients flow through D and C to G, but are accumulated into G's parameters only:
+        # C is not updated by eq. 4 (the paper: better results, no shortcuts shared by G and C).
+        g_loss.backward(inputs=list(self.G.parameters()))
+        self.opt_g.step()
+        self.update_ema()
+        return {"g_loss": g_loss.detach(), "g_adv": g_adv.detach(), "g_mi": g_mi.detach()}
+
+    def c_step(self, real: torch.Tensor) -> dict:
+        """Algorithm 1 lines 22-28 on a real batch (B, 3, S0, S0); only C is updated."""
+        x = augment.weak_view(real, self.cfg.image_size)
+        x_t = self.augmented_view(real)
+        logits = self.C(x)                                                # (B, K) -> p
+        logits_t = self.C(x_t)                                            # (B, K) -> q; its own batch for BN
+        with torch.no_grad():
+            phi = self.D.features(x)                                      # (B, C_D): does not depend on C
+        s_r = self.D.project(phi, logits.softmax(dim=1))                  # line 24: joint term of real pairs
+        c_adv = s_r.mean()                                                # line 27: C lowers D's score of real pairs
+        # Line 28 / eq. 5: sum_j -q_j log p_j. The paper names no stop-gradient and Algorithm 1 takes
+        # grad_theta_c of the whole sum, so by default both views get gradients (p is pulled towards q,
+        # and q is sharpened towards p's mode: "the same pseudo-label for an image and its augmented
+        # versions"). aug_detach_target=True reads eq. 5 as a cross-entropy with q as a fixed target.
+        c_aug = multiview_consistency(logits, logits_t, detach_target=self.s.aug_detach_target)
+        c_loss = self.s.w_adv * c_adv + self.s.w_aug * c_aug
+        self.opt_c.zero_grad(set_to_none=True)
+        c_loss.backward(inputs=list(self.C.parameters()))                 # D's embedding E is not updated
+        self.opt_c.step()
+        with torch.no_grad():
+            used = torch.zeros(self.cfg.clusters, device=self.device)
+            used[logits.argmax(dim=1)] = 1
+        return {"c_loss": c_loss.detach(), "c_adv": c_adv.detach(), "c_aug": c_aug.detach(),
+                "clusters_in_batch": used.sum()}
+
+    def train_step(self, real_uint8: torch.Tensor) -> dict:
+        """d_steps D steps (one real batch each), one G step, one C step; returns detached losses.
+
+        real_uint8: (d_steps * B, S0, S0, 3), consecutive batches of B from the loop. C's step reuses the
+        first D step's real images with fresh views (Algorithm 1 draws one more batch; we keep the loop's
+        data budget at one batch per D step).
+        """
+        r = self.real_batches_per_step
+        if real_uint8.shape[0] % r:
+            raise ValueError(f"slcgan.train_step: expected {r} batches of equal size, got {real_uint8.shape[0]} images")
+        self.G.train()
+        self.D.train()
+        self.C.train()
+        real = augment.to_float(real_uint8).split(real_uint8.shape[0] // r)
+        sums: dict[str, torch.Tensor] = {}
+        for chunk in real:                                                # (1) D, d_steps times
+            for key, value in self.d_step(chunk).items():
+                sums[key] = sums[key] + value if key in sums else value
+        out = {key: value / r for key, value in sums.items()}
+        out.update(self.g_step(real[0].shape[0]))                         # (2) G
+        out.update(self.c_step(real[0]))                                  # (3) C
+        return out
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """G_ema <- decay * G_ema + (1 - decay) * G for parameters; buffers (BN statistics, spectral-norm
+        vectors) are copied. Before ema_start G steps the copy just follows G (BigGAN's ema_start)."""
+        if self.G_ema is None:
+            return
+        state = self.opt_g.state.get(next(iter(self.G.parameters())))
+        g_steps = int(state["step"]) if state else 0                      # Adam keeps it on the CPU: no sync
+        decay = self.s.ema_decay if g_steps > self.s.ema_start else 0.0
+        for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
+            p_ema.lerp_(p, 1.0 - decay)
+        for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
+            b_ema.copy_(b)
+
+    # Inference -------------------------------------------------------------------------------
+
+    def eval_view(self, real_uint8: torch.Tensor) -> torch.Tensor:
+        return eval_view(real_uint8, self.cfg.image_size)
+
+    def recalibrate(self, batches) -> None:
+        """Re-estimate C's BatchNorm statistics on real images alone: during training they mix real weak
+        views, augmented views and fakes (the eq. 4 pass), and at inference C sees real images only."""
+        if self.s.recalibrate_bn:
+            recalibrate_batchnorm(self.C, (self.eval_view(b.to(self.device)) for b in batches))
+
+    @torch.no_grad()
+    def assign(self, real_uint8: torch.Tensor):
+        """Cluster = argmax of C's logits; confidence = max softmax."""
+        self.C.eval()
+        probs = self.C(self.eval_view(real_uint8.to(self.device))).softmax(dim=1)
+        conf, cluster = probs.max(dim=1)
+        return cluster, conf
+
+    @torch.no_grad()
+    def generate(self, clusters: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, S, S) in [-1, 1] of the given clusters (one-hot codes); the EMA G when kept.
+        Draws z from the global RNG."""
+        g = self.G_ema if self.G_ema is not None else self.G
+        was_training = g.training
+        g.eval()
+        z = torch.randn(clusters.shape[0], self.s.z_dim, device=self.device)
+        images = g(z, F.one_hot(clusters.to(self.device), self.cfg.clusters).float())
+        g.train(was_training)
+        return images

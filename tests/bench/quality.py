@@ -1,0 +1,162 @@
+"""Clustering quality on real labelled images: imgcluster against k-means on PCA of pixels, same images, same run.
+
+Run by hand, not by pytest. Examples:
+
+    python tests/bench/quality.py --set mnist --prefix test_ --size 32 --preset c3gan-32 --steps 3000 --seeds 0 1 2
+    python tests/bench/quality.py --set cub100 --size 64 --clusters 100 --preset c3gan-64 --steps 5000
+    python tests/bench/quality.py --folder ~/data/labelled --size 32 --preset c3gan-32   # class = sub-folder
+
+Writes a JSON file and a Markdown table (mean and spread over seeds) to --out (default tests/bench/quality/).
+The baseline is the one a user reaches in five lines of scikit-learn: k-means with k = number of classes on
+50 PCA components of the raw pixels, centre-cropped and resized to --size (the same cached pixels imgcluster
+trains on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from imgcluster import metrics
+from imgcluster.data import load_image_set, scan_folder
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def unpack(name: str, prefix: str, dest: Path) -> Path:
+    """Unpack ../shared/data/NAME.tar.gz (only files starting with `prefix`) once; returns NAME/images."""
+    images = dest / name / "images"
+    done = dest / f".{name}-{prefix or 'all'}.done"
+    if done.exists():
+        return images
+    with tarfile.open(SHARED / f"{name}.tar.gz") as tar:
+        members = [m for m in tar.getmembers()
+                   if m.isfile() and "/images/" in m.name and Path(m.name).name.startswith(prefix)]
+        tar.extractall(dest, members=members, filter="data")
+    done.touch()
+    return images
+
+
+def folder_labels(files: list[str]) -> list[str]:
+    return [Path(f).parent.name for f in files]
+
+
+def kmeans_baseline(folder: Path, size: int, seed: int) -> dict:
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    t0 = time.perf_counter()
+    images = load_image_set(folder, size, files=scan_folder(folder))
+    good = images.good_indices
+    labels = [folder_labels(images.files)[i] for i in good]
+    x = np.asarray(images.images[good], dtype=np.float32).reshape(len(good), -1) / 255.0
+    k = len(set(labels))
+    feats = PCA(n_components=50, random_state=seed).fit_transform(x)
+    clusters = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(feats)
+    result = metrics.evaluate(labels, clusters.tolist(), k)
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def imgcluster_run(folder: Path, run_dir: Path, args, seed: int) -> dict:
+    cmd = [sys.executable, "-m", "imgcluster", "train", str(folder), "--clusters", str(args.clusters),
+           "--preset", args.preset, "--image-size", str(args.size), "--seed", str(seed), "--out", str(run_dir),
+           "--restart", "--quiet", "--device", args.device]
+    if args.steps:
+        cmd += ["--steps", str(args.steps)]
+    if args.method:
+        cmd += ["--method", args.method]
+    for s in args.set or []:
+        cmd += ["--set", s]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    out = subprocess.run([sys.executable, "-m", "imgcluster", "evaluate", str(run_dir), "--labels-from-folders",
+                          "--json"], check=True, capture_output=True, text=True)
+    result = json.loads(out.stdout)
+    result["wall_s"] = round(wall, 1)
+    import yaml
+
+    result["steps"] = yaml.safe_load((run_dir / "config.yaml").read_text())["steps"]
+    return result
+
+
+def summarise(rows: list[dict], keys=("acc", "acc_majority", "nmi", "ari", "clusters_used", "wall_s")) -> dict:
+    out = {}
+    for key in keys:
+        values = [r[key] for r in rows if key in r]
+        if values:
+            out[key] = {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
+    return out
+
+
+def fmt(summary: dict, key: str) -> str:
+    if key not in summary:
+        return ""
+    m, s = summary[key]["mean"], summary[key]["std"]
+    return f"{m:.3f} ± {s:.3f}" if key not in ("clusters_used", "wall_s") else f"{m:.0f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--set", dest="dataset", help="a ../shared/data archive name: mnist, fashion_mnist, cifar10, cub100")
+    src.add_argument("--folder", type=Path, help="any folder with one sub-folder per class")
+    ap.add_argument("--prefix", default="", help="only files whose name starts with this (e.g. test_)")
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--clusters", type=int, help="K [default: the number of classes]")
+    ap.add_argument("--method", default=None)
+    ap.add_argument("--preset", default="c3gan-32")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--set-option", dest="set", action="append", help="passed to train as --set")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "imgcluster-bench")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "quality")
+    args = ap.parse_args()
+
+    folder = args.folder or unpack(args.dataset, args.prefix, args.work)
+    name = args.dataset or folder.name
+    files = scan_folder(folder)
+    classes = len(set(folder_labels(files)))
+    args.clusters = args.clusters or classes
+    print(f"{name}: {len(files)} files, {classes} classes, K = {args.clusters}", file=sys.stderr)
+
+    baseline = [kmeans_baseline(folder, args.size, seed) for seed in args.seeds]
+    print(f"k-means on PCA pixels: {summarise(baseline)}", file=sys.stderr, flush=True)
+    runs = []
+    for seed in args.seeds:
+        run_dir = args.work / "runs" / f"{name}-{args.preset}-{args.size}-s{seed}"
+        runs.append(imgcluster_run(folder, run_dir, args, seed))
+        print(f"seed {seed}: {json.dumps({k: runs[-1][k] for k in ('acc', 'nmi', 'ari', 'clusters_used', 'wall_s')})}",
+              file=sys.stderr, flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    label = f"{name}-{args.preset}-{args.size}px-k{args.clusters}"
+    record = {"set": name, "images": len(files), "classes": classes, "size": args.size, "clusters": args.clusters,
+              "preset": args.preset, "method": args.method, "steps": runs[0]["steps"], "seeds": args.seeds,
+              "command": " ".join(sys.argv), "baseline": baseline, "imgcluster": runs}
+    (args.out / f"{label}.json").write_text(json.dumps(record, indent=2))
+    b, r = summarise(baseline), summarise(runs)
+    table = [f"`python {' '.join(sys.argv)}`", "",
+             "| set | images | size | K | what | steps | seeds | ACC | ACC (majority) | NMI | ARI | clusters used | wall s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+             f"| {name} | {len(files)} | {args.size} | {classes} | k-means on 50 PCA of pixels | - | {len(args.seeds)} | "
+             f"{fmt(b, 'acc')} | {fmt(b, 'acc_majority')} | {fmt(b, 'nmi')} | {fmt(b, 'ari')} | {fmt(b, 'clusters_used')} | {fmt(b, 'wall_s')} |",
+             f"| {name} | {len(files)} | {args.size} | {args.clusters} | imgcluster {args.method or ''} {args.preset} | "
+             f"{runs[0]['steps']} | {len(args.seeds)} | {fmt(r, 'acc')} | {fmt(r, 'acc_majority')} | {fmt(r, 'nmi')} | "
+             f"{fmt(r, 'ari')} | {fmt(r, 'clusters_used')} | {fmt(r, 'wall_s')} |", ""]
+    (args.out / f"{label}.md").write_text("\n".join(table))
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""slcGAN: networks, loss terms, Algorithm 1's update rules, both methods through one protocol, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from typer.testing import CliRunner
+
+from imgcluster.augment import to_float
+from imgcluster.cli import app
+from imgcluster.config import ConfigError, load_preset, resolve_config
+from imgcluster.losses import hinge_d_split, hinge_g_split, multiview_consistency
+from imgcluster.methods import METHODS
+from imgcluster.models.slcgan import Discriminator, Generator, SlcGANConfig, build_clusterer
+from imgcluster.rundir import RunDir, load_model, save_config, save_model
+from imgcluster.training import batch_indices, load_checkpoint, real_batches, save_checkpoint, step_indices
+
+CPU = torch.device("cpu")
+
+
+def tiny_config(method: str = "slcgan", clusters: int = 10, batch_size: int | None = None, **settings):
+    """The method's tiny CPU preset; unit tests that need no full batch use batch_size 8 to stay fast."""
+    preset = {"c3gan": "cpu-tiny", "slcgan": "slcgan-tiny"}[method]
+    general = {"clusters": clusters, **({"batch_size": batch_size} if batch_size else {})}
+    return resolve_config((load_preset(preset), f"preset {preset}"), ({**general, method: settings}, "test"))
+
+
+def real_data(cfg, batches: int = 1, seed: int = 0) -> torch.Tensor:
+    """Random uint8 images (batches * batch_size, S0, S0, 3) at the method's cache size."""
+    side = METHODS[cfg.method].cache_size(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batches * cfg.batch_size, side, side, 3), dtype=torch.uint8, generator=gen)
+
+
+def per_step(method) -> int:
+    return getattr(method, "real_batches_per_step", 1)
+
+
+@pytest.fixture(scope="module")
+def tiny_slcgan():
+    torch.manual_seed(0)
+    return METHODS["slcgan"](tiny_config(batch_size=8), CPU)
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [16, 32, 64, 128])
+def test_networks_shapes_at_every_size(size):
+    cfg = SlcGANConfig(image_size=size, clusters=7, z_dim=8, ch=2, embed_dim=8)
+    g, d, c = Generator(cfg), Discriminator(cfg), build_clusterer(cfg)
+    y = F.one_hot(torch.tensor([0, 3, 6]), 7).float()
+    x = g(torch.randn(3, 8), y)
+    assert x.shape == (3, 3, size, size) and x.abs().max() <= 1
+    u, s = d(x, y)
+    assert u.shape == s.shape == (3,)
+    assert c(x).shape == (3, 7)
+    # BigGAN widths as multiples of ch: 16 ch at G's 4x4 map and D's last block at 64 and 128 px, 4 ch below.
+    top = 16 if size >= 64 else 4
+    assert g.fc.out_features == top * 2 * 16 and d.unary.in_features == top * 2
+    # Small-image stem at 32 px and below: 3x3 stride 1, no maxpool; the ImageNet stem above.
+    small = size <= 32
+    assert c.conv1.kernel_size == ((3, 3) if small else (7, 7))
+    assert isinstance(c.maxpool, torch.nn.Identity) == small
+
+
+def test_spectral_norm_in_g_and_d_not_c():
+    cfg = SlcGANConfig(image_size=16, clusters=5, z_dim=8, ch=2, embed_dim=8)
+    has_sn = lambda m: hasattr(m, "parametrizations") and "weight" in m.parametrizations
+    layers = lambda net: [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    g = Generator(cfg)
+    assert all(has_sn(m) for m in layers(g) if m is not g.embed)       # the label embedding is plain linear
+    assert all(has_sn(m) for m in layers(Discriminator(cfg)))
+    assert not any(has_sn(m) for m in layers(build_clusterer(cfg)))
+
+
+def test_projection_term_with_one_hot_and_soft_labels():
+    torch.manual_seed(0)
+    d = Discriminator(SlcGANConfig(image_size=16, clusters=4, ch=2)).eval()   # eval: fixed spectral norm
+    phi = torch.randn(3, d.unary.in_features)
+    E = d.embed.weight                                                  # (C, K), spectrally normalised
+    onehot = torch.eye(4)
+    # One-hot c: s = <E[:, c], phi>, the projection discriminator's class embedding.
+    for k in range(4):
+        assert torch.allclose(d.project(phi, onehot[k].expand(3, 4)), phi @ E[:, k], atol=1e-5)
+    # Soft y: the embedding is y @ E, so s is the y-weighted sum of the per-cluster scores.
+    y = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25], [0.0, 0.5, 0.0, 0.5]])
+    per_cluster = torch.stack([d.project(phi, onehot[k].expand(3, 4)) for k in range(4)], dim=1)  # (3, K)
+    assert torch.allclose(d.project(phi, y), (y * per_cluster).sum(1), atol=1e-5)
+    # forward = (unary on phi(x), projection on phi(x))
+    x = torch.randn(3, 3, 16, 16)
+    u, s = d(x, y)
+    assert torch.allclose(s, d.project(d.features(x), y), atol=1e-5)
+    assert torch.allclose(u, d.unary(d.features(x)).squeeze(1), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss terms
+# ---------------------------------------------------------------------------------------------
+
+def test_unary_joint_hinge_split_by_hand():
+    u_r, s_r = torch.tensor([2.0, 0.5]), torch.tensor([0.0, -1.0], requires_grad=True)
+    u_f, s_f = torch.tensor([-2.0, 0.0], requires_grad=True), torch.tensor([0.5, -3.0])
+    unary, joint = hinge_d_split(u_r, s_r, u_f, s_f)
+    # unary: real (0 + 0.5) / 2 + fake (0 + 1) / 2; joint: real (1 + 2) / 2 + fake (1.5 + 0) / 2
+    assert unary.item() == pytest.approx(0.75) and joint.item() == pytest.approx(2.25)
+    # each term sees only its own outputs
+    assert torch.autograd.grad(unary, s_r, allow_unused=True)[0] is None
+    assert torch.autograd.grad(joint, u_f, allow_unused=True)[0] is None
+    # G side: mean(-u_f - s_f) = -(-1) - (-1.25)
+    assert hinge_g_split(u_f, s_f).item() == pytest.approx(2.25)
+
+
+def test_multiview_consistency_by_hand():
+    k = 5
+    uniform = torch.zeros(3, k)
+    assert multiview_consistency(uniform, uniform).item() == pytest.approx(math.log(k), abs=1e-6)
+    confident = torch.eye(k)[:3] * 50
+    assert multiview_consistency(confident, confident).item() == pytest.approx(0.0, abs=1e-6)
+    # sum_j -q_j log p_j: q from the augmented view, p from the image
+    p_logits, q_logits = torch.randn(4, k), torch.randn(4, k)
+    expected = -(q_logits.softmax(1) * p_logits.softmax(1).log()).sum(1).mean()
+    assert multiview_consistency(p_logits, q_logits).item() == pytest.approx(expected.item(), abs=1e-6)
+    # detach_target: no gradient through q; by default both views get one (Algorithm 1 line 28)
+    q_logits.requires_grad_(True)
+    assert torch.autograd.grad(multiview_consistency(p_logits, q_logits), q_logits)[0].abs().sum() > 0
+    loss = multiview_consistency(p_logits.requires_grad_(True), q_logits, detach_target=True)
+    assert torch.autograd.grad(loss, q_logits, allow_unused=True)[0] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Algorithm 1: who is updated by what
+# ---------------------------------------------------------------------------------------------
+
+def snapshot(net) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def unchanged(net, before) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
+
+
+def test_g_side_cross_entropy_leaves_c_gradients_untouched(tiny_slcgan):
+    m = tiny_slcgan
+    # The eq. 4 term does reach G through C...
+    z, k, c = m.latents(8)
+    grads = torch.autograd.grad(F.cross_entropy(m.C(m.G(z, c)), k), list(m.G.parameters()), allow_unused=True)
+    assert sum(g.abs().sum() for g in grads if g is not None) > 0
+    # ...but a G step neither writes C's (or D's) gradients nor moves their weights.
+    sentinel = [torch.full_like(p, 7.0) for p in m.C.parameters()]
+    for p, s in zip(m.C.parameters(), sentinel):
+        p.grad = s.clone()
+    m.D.zero_grad(set_to_none=True)
+    c_before, d_before, g_before = snapshot(m.C), snapshot(m.D), snapshot(m.G)
+    m.g_step(8)
+    assert all(torch.equal(p.grad, s) for p, s in zip(m.C.parameters(), sentinel))
+    assert all(p.grad is None for p in m.D.parameters())
+    assert unchanged(m.C, c_before) and unchanged(m.D, d_before) and not unchanged(m.G, g_before)
+    m.C.zero_grad(set_to_none=True)
+
+
+def test_c_step_updates_only_c(tiny_slcgan):
+    m = tiny_slcgan
+    m.D.zero_grad(set_to_none=True)
+    m.G.zero_grad(set_to_none=True)
+    c_before, d_before, g_before = snapshot(m.C), snapshot(m.D), snapshot(m.G)
+    out = m.c_step(to_float(real_data(m.cfg)))
+    assert set(out) >= {"c_loss", "c_adv", "c_aug", "clusters_in_batch"}
+    assert all(p.grad is None for p in m.D.parameters()) and all(p.grad is None for p in m.G.parameters())
+    assert unchanged(m.D, d_before) and unchanged(m.G, g_before) and not unchanged(m.C, c_before)
+
+
+def test_d_takes_two_steps_per_g_step_with_soft_real_and_one_hot_fake_labels(monkeypatch):
+    torch.manual_seed(1)
+    m = METHODS["slcgan"](tiny_config(batch_size=8), CPU)
+    assert m.real_batches_per_step == m.s.d_steps == 2
+    calls = {"opt_d": 0, "opt_g": 0, "opt_c": 0}
+    for name, opt in m.optimizers().items():
+        step = opt.step
+
+        def counted(*a, _name=name, _step=step, **kw):
+            calls[_name] += 1
+            return _step(*a, **kw)
+        monkeypatch.setattr(opt, "step", counted)
+    labels = []
+    forward = m.D.forward
+
+    def recording(x, y):
+        labels.append(y.detach().clone())
+        return forward(x, y)
+    monkeypatch.setattr(m.D, "forward", recording)
+
+    losses = m.train_step(real_data(m.cfg, batches=2))
+    assert calls == {"opt_d": 2, "opt_g": 1, "opt_c": 1}
+    state_steps = {name: {int(s["step"]) for s in opt.state.values()} for name, opt in m.optimizers().items()}
+    assert state_steps == {"opt_d": {2}, "opt_g": {1}, "opt_c": {1}}
+    # The two D passes see [real; fake]: real rows are C's soft labels, fake rows one-hot codes.
+    b = m.cfg.batch_size
+    for y in labels[:2]:
+        assert y.shape == (2 * b, m.cfg.clusters) and torch.allclose(y.sum(1), torch.ones(2 * b))
+        assert (y[:b].max(1).values < 1).all()
+        assert ((y[b:] == 0) | (y[b:] == 1)).all()
+    assert all(not v.requires_grad and v.dim() == 0 and torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ValueError, match="2 batches"):
+        m.train_step(real_data(m.cfg)[:-1])
+
+
+def test_step_indices_keep_one_batch_order_and_concatenate_consecutive_batches():
+    for step in (0, 5, 11):
+        assert torch.equal(step_indices(step, 100, 16, 3), batch_indices(step, 100, 16, 3))
+        two = step_indices(step, 100, 16, 3, per_step=2)
+        assert torch.equal(two, torch.cat([batch_indices(2 * step, 100, 16, 3), batch_indices(2 * step + 1, 100, 16, 3)]))
+
+
+def test_ema_generator_averages_and_samples():
+    torch.manual_seed(0)
+    m = METHODS["slcgan"](tiny_config(ema=True, ema_start=0, ema_decay=0.75), CPU)
+    assert "generator_ema" in m.networks()
+    old = snapshot(m.G_ema)
+    with torch.no_grad():
+        for p in m.G.parameters():
+            p.add_(1.0)
+    m.opt_g.state[next(iter(m.G.parameters()))]["step"] = torch.tensor(5.0)
+    m.update_ema()
+    assert all(torch.allclose(e, 0.75 * o + 0.25 * p) for e, o, p in zip(m.G_ema.parameters(), old, m.G.parameters()))
+    torch.manual_seed(3)
+    a = m.generate(torch.tensor([0, 1]))
+    torch.manual_seed(3)
+    assert torch.equal(a, m.G_ema(torch.randn(2, m.s.z_dim), torch.eye(10)[:2]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Both methods through the same protocol
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method_name", ["c3gan", "slcgan"])
+def test_method_forward_backward_step_save_load_assign_generate(method_name, tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_config(method_name, clusters=5)
+    method = METHODS[method_name](cfg, CPU)
+    data = real_data(cfg, batches=per_step(method))
+
+    # forward: generate and assign
+    images = method.generate(torch.tensor([0, 4, 2]))
+    assert images.shape == (3, 3, 16, 16) and images.abs().max() <= 1
+    cluster, conf = method.assign(data[:6])
+    assert cluster.shape == conf.shape == (6,) and 0 <= cluster.min() and cluster.max() < 5
+    assert (conf > 0).all() and (conf <= 1).all()
+
+    # backward + one training step: every network with an optimiser moves
+    before = {name: snapshot(net) for name, net in method.networks().items()}
+    losses = method.train_step(data)
+    assert losses and all(torch.isfinite(v) and not v.requires_grad for v in losses.values())
+    for name, net in method.networks().items():
+        assert not unchanged(net, before[name]), name
+
+    # save / load the full training state, then both continue identically (exact resume)
+    run = RunDir(tmp_path / "run")
+    run.make()
+    save_checkpoint(run, method, 1, CPU)
+    torch.manual_seed(123)                            # the checkpoint restores the RNG: this must not matter
+    again = METHODS[method_name](cfg, CPU)
+    assert load_checkpoint(run, again, CPU) == 1
+    for name, net in method.networks().items():
+        other = again.networks()[name].state_dict()
+        assert all(torch.equal(v, other[k]) for k, v in net.state_dict().items()), name
+    rng = torch.get_rng_state()
+    a = method.train_step(data)
+    torch.set_rng_state(rng)
+    b = again.train_step(data)
+    assert {k: v.item() for k, v in a.items()} == {k: v.item() for k, v in b.items()}
+
+    # model file: recalibrate, save, rebuild from the run directory alone; same assign and generate
+    method.recalibrate(real_batches(data, cfg.batch_size))
+    save_config(run, cfg)
+    save_model(run, method, cfg, 2)
+    _, loaded = load_model(run, CPU)
+    c1, p1 = method.assign(data)
+    c2, p2 = loaded.assign(data)
+    assert torch.equal(c1, c2) and torch.allclose(p1, p2)
+    torch.manual_seed(9)
+    g1 = method.generate(torch.tensor([1, 3]))
+    torch.manual_seed(9)
+    assert torch.equal(g1, loaded.generate(torch.tensor([1, 3])))
+
+
+@pytest.mark.parametrize("name", ["slcgan-32", "slcgan-64", "slcgan-128", "slcgan-tiny"])
+def test_presets_resolve(name):
+    cfg = resolve_config((load_preset(name), name), ({"clusters": 10}, "test"))
+    assert cfg.method == "slcgan" and cfg.method_settings.d_steps == 2 and cfg.method_settings.lr == 1e-4
+    if name != "slcgan-tiny":
+        assert cfg.image_size == int(name.split("-")[1]) and cfg.method_settings.ch == 128
+
+
+def test_bad_settings_name_the_key():
+    with pytest.raises(ConfigError, match="slcgan.d_steps"):
+        tiny_config(d_steps=0)
+    with pytest.raises(ConfigError, match="slcgan.crop_scale"):
+        tiny_config(crop_scale=[0.5, 0.2])
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI end to end: train -> evaluate, on real MNIST images
+# ---------------------------------------------------------------------------------------------
+
+def test_cli_train_slcgan_then_evaluate(mnist_200, tmp_path):
+    runner = CliRunner()
+    run = lambda *args: runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    out = tmp_path / "run"
+    result = run("train", mnist_200, "--method", "slcgan", "--clusters", 10, "--preset", "slcgan-tiny",
+                 "--steps", 2, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    for name in ("config.yaml", "model.safetensors", "checkpoint/state.safetensors", "metrics.jsonl",
+                 "assignments.csv", "samples/step-0000002.png"):
+        assert (out / name).is_file(), name
+    assert len(list((out / "sheets").glob("cluster-*.png"))) == 10
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["method"] == "slcgan" and cfg["slcgan"]["ch"] == 16 and cfg["image_size"] == 16
+    (record,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert record["step"] == 2 and {"d_unary", "d_joint", "g_adv", "g_mi", "c_adv", "c_aug"} <= set(record)
+
+    result = run("evaluate", out, "--labels-from-folders", "--json")
+    assert result.exit_code == 0, result.stderr
+    scores = json.loads(result.stdout)
+    assert scores["n"] == 200 and scores["classes"] == 10 and 0 <= scores["acc"] <= 1
+
+    result = run("generate", out, "--cluster", 3, "-n", 2, "-o", tmp_path / "c3.png")
+    assert result.exit_code == 0 and (tmp_path / "c3.png").is_file()

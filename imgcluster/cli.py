@@ -23,7 +23,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 EXIT_RUNTIME, EXIT_USAGE, EXIT_NO_IMAGES = 1, 2, 3
 # Settings a resumed run may change: how long to train and how often to log.
-RESUMABLE_KEYS = {"steps", "log_every", "sample_every", "checkpoint_every", "sample_clusters"}
+# Settings a resumed run may change: they do not change what the saved state means.
+RESUMABLE_KEYS = {"steps", "log_every", "sample_every", "checkpoint_every", "sample_clusters",
+                  "precision", "memory_format", "compile"}
 
 
 def fail(message: str, code: int = EXIT_RUNTIME):
@@ -82,10 +84,13 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.signum is not None:          # a second Ctrl-C: stop now
+        # A second signal of the same kind (Ctrl-C twice) stops now. A SIGTERM after a Ctrl-C does not:
+        # torchrun's agent sends one to its workers when it sees the Ctrl-C, and they are saving.
+        if self.signum == signum:
             raise KeyboardInterrupt
-        self.signum = signum
-        console.warn("stopping: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+        if self.signum is None:
+            self.signum = signum
+            console.warn("stopping: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
 
     def __exit__(self, *exc):
         for s, handler in self._old.items():
@@ -116,6 +121,10 @@ def build_config(data_dir: Path, run_root: Path | None, flags: dict, preset: str
                                   f"pass --restart to start over or --out for a new run")
             return cfg, run, True
     layers = [(load_preset(preset), f"preset {preset}")] if preset else []
+    for values, source in layers:
+        if "method" in explicit and values.get("method", explicit["method"]) != explicit["method"]:
+            raise ConfigError(f"--method {explicit['method']} conflicts with {source}, which is for "
+                              f"{values['method']}; pick a {explicit['method']} preset or drop --method")
     cfg = resolve_config(*layers, (explicit, "flags"), (overrides, "--set"))
     if run_root is None:
         run_root = Path("runs") / f"{data_dir.resolve().name}-{cfg.method}-k{cfg.clusters}"
@@ -127,23 +136,35 @@ def build_config(data_dir: Path, run_root: Path | None, flags: dict, preset: str
 
 def run_training(cfg, run, device, resuming: bool, quiet: bool, strict: bool = False,
                  max_pixels: int | None = None) -> None:
-    """Scan, cache, train, assign, draw sheets; shared by `train` and `demo`."""
-    from imgcluster import pipeline, training
+    """Scan, cache, train, assign, draw sheets; shared by `train` and `demo`.
+
+    Under torchrun every rank calls it: rank 0 builds the cache while the others wait, then reads it;
+    rank 0 alone reports, writes files, assigns and draws the sheets.
+    """
+    from imgcluster import distributed, pipeline, training
     from imgcluster.data import DEFAULT_MAX_PIXELS
 
+    main = distributed.is_main()
     data_dir = Path(cfg.data_dir)
-    with console.Reporter("caching images", quiet) as rep:
-        images = pipeline.prepare_images(data_dir, pipeline.cache_size(cfg), strict=strict,
-                                         max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-                                         progress=lambda d, t: rep.update(d, t))
-    bad = pipeline.record_bad_images(run, images)
-    console.info(f"{len(images.files)} files: {len(images.files) - bad} usable images, {bad} not usable"
-                 + (f" (listed in {run.bad_images})" if bad else ""))
+    for turn in (True, False):             # rank 0 first, then the others from its cache
+        if main == turn:
+            with console.Reporter("caching images", quiet or not main) as rep:
+                images = pipeline.prepare_images(data_dir, pipeline.cache_size(cfg), strict=strict,
+                                                 max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+                                                 progress=lambda d, t: rep.update(d, t))
+        if turn:
+            distributed.barrier()
+    if main:
+        bad = pipeline.record_bad_images(run, images)
+        console.info(f"{len(images.files)} files: {len(images.files) - bad} usable images, {bad} not usable"
+                     + (f" (listed in {run.bad_images})" if bad else ""))
     pipeline.check_usable(images, cfg.clusters)
-    console.info(f"{'resuming' if resuming else 'training'} {cfg.method}, {cfg.clusters} clusters, "
-                 f"{cfg.image_size} px, {cfg.steps} steps on {device} -> {run.root}")
+    where = f"{distributed.world_size()} processes ({device.type})" if distributed.active() else str(device)
+    if main:
+        console.info(f"{'resuming' if resuming else 'training'} {cfg.method}, {cfg.clusters} clusters, "
+                     f"{cfg.image_size} px, {cfg.steps} steps on {where} -> {run.root}")
 
-    with console.Reporter("training", quiet) as rep, StopFlag() as stop:
+    with console.Reporter("training", quiet or not main) as rep, StopFlag() as stop:
         def on_log(event):
             m = event["metrics"]
             rep.update(event["step"], event["total"], f"D {m['d_loss']:.3f} G {m['g_loss']:.3f} "
@@ -156,6 +177,9 @@ def run_training(cfg, run, device, resuming: bool, quiet: bool, strict: bool = F
             raise typer.Exit(code)
         except (training.NonFiniteLoss, training.CheckpointSaveError) as e:
             fail(str(e), EXIT_RUNTIME)
+    distributed.shutdown()                 # the rest is rank 0's alone
+    if not main:
+        return
     summary = pipeline.finish_run(run, device, images)
     console.info(f"assigned {summary['images']} images to {summary['clusters_used']} of {cfg.clusters} clusters: "
                  f"{run.assignments}; sheets in {run.sheets}")
@@ -178,9 +202,15 @@ def train(
     restart: Annotated[bool, typer.Option(help="Start over instead of resuming RUN_DIR.")] = False,
     strict: Annotated[bool, typer.Option(help="Stop if any file cannot be used (default: list it and go on).")] = False,
     max_pixels: Annotated[Optional[int], typer.Option(help="Largest image accepted, in pixels (decompression-bomb guard).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 on a CUDA GPU with bf16, else fp32), bf16 or fp32.")] = None,
+    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training passes.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ):
-    """Train a clustering GAN on DATA_DIR; re-running on the same run directory resumes."""
+    """Train a clustering GAN on DATA_DIR; re-running on the same run directory resumes.
+
+    Several GPUs or nodes: start it with torchrun (see the README, "Multiple GPUs").
+    """
+    from imgcluster import distributed
     from imgcluster.data import scan_folder
     from imgcluster.rundir import RunDir
 
@@ -190,9 +220,16 @@ def train(
     if clusters is None and not resuming_possible:
         fail("--clusters: required (the number of clusters K to find)", EXIT_USAGE)
     dev = device_or_exit(device)
+    if distributed.launched() and not dry_run:
+        try:
+            dev = distributed.rank_device(dev)
+        except ValueError as e:
+            fail(str(e), EXIT_USAGE)
+        distributed.init(dev)
+    main = distributed.is_main()
     with errors_as_exit_codes():
         flags = {"clusters": clusters, "method": method, "image_size": image_size, "steps": steps,
-                 "batch_size": batch_size, "seed": seed}
+                 "batch_size": batch_size, "seed": seed, "precision": precision, "compile": compile_}
         cfg, run, resuming = build_config(data_dir, out, flags, preset, set_ or [], restart)
         if dry_run:
             from imgcluster.config import dump_config
@@ -202,8 +239,12 @@ def train(
             console.info(f"{data_dir}: {len(files)} files found; run directory {run.root} "
                          f"({'resume' if resuming else 'new run'}); nothing trained (--dry-run)")
             return
-        run_training(cfg, run, dev, resuming, quiet, strict, max_pixels)
-    print(run.root)
+        try:
+            run_training(cfg, run, dev, resuming, quiet, strict, max_pixels)
+        finally:
+            distributed.shutdown()
+    if main:
+        print(run.root)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +278,7 @@ def assign(
     """Write path,cluster,confidence,error for every file found (unusable files keep their row)."""
     from imgcluster import pipeline
     from imgcluster.data import DEFAULT_MAX_PIXELS
-    from imgcluster.inference import assign_images, write_assignments, write_sheets
+    from imgcluster.inference import SHEET_MEMBERS, write_assignments, write_sheets
 
     if fmt not in ("csv", "jsonl"):
         fail(f"--format: must be csv or jsonl, got {fmt!r}", EXIT_USAGE)
@@ -246,21 +287,21 @@ def assign(
     if not folder.is_dir():
         fail(f"DATA_DIR {folder}: no such folder", EXIT_USAGE)
     with errors_as_exit_codes():
-        with console.Reporter("caching images", quiet) as rep:
-            images = pipeline.prepare_images(folder, pipeline.cache_size(cfg), strict=strict,
-                                             max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-                                             progress=lambda d, t: rep.update(d, t))
-        out = data_stdout() if output == "-" else open(output, "w", newline="", encoding="utf-8",
-                                                       errors="surrogateescape")
-        try:
-            rows = write_assignments(assign_images(method, images, batch_size), out, fmt)
-        finally:
-            if out is not sys.stdout:
-                out.close()
+        with console.Reporter("assigning", quiet) as rep:
+            # rows stream out while the cache is built; only the sheets' members are kept
+            rows = pipeline.assign_folder(method, folder, pipeline.cache_size(cfg), batch_size=batch_size,
+                                          strict=strict, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+                                          progress=lambda d, t: rep.update(d, t))
+            out = data_stdout() if output == "-" else open(output, "w", newline="", encoding="utf-8",
+                                                           errors="surrogateescape")
+            try:
+                tally = write_assignments(rows, out, fmt, keep=SHEET_MEMBERS if sheets else 0)
+            finally:
+                if out is not sys.stdout:
+                    out.close()
         if sheets:
-            write_sheets(method, images, rows, sheets, seed=cfg.seed)
-    n_bad = sum(r.cluster is None for r in rows)
-    console.info(f"assigned {len(rows) - n_bad} images, {n_bad} unusable files listed with their reason"
+            write_sheets(method, rows.images, tally.kept, sheets, seed=cfg.seed)
+    console.info(f"assigned {tally.assigned} images, {tally.bad} unusable files listed with their reason"
                  + (f"; wrote {output}" if output != "-" else ""))
 
 

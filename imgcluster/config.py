@@ -40,6 +40,9 @@ class TrainConfig:
     sample_every: int = 1_000     # steps between sample grids in samples/
     checkpoint_every: int = 500   # steps between checkpoints
     sample_clusters: int = 64     # clusters drawn in a sample grid (the first N)
+    precision: str = "auto"       # auto (bf16 autocast on a CUDA GPU with bf16, else fp32), bf16 or fp32
+    memory_format: str = "auto"   # auto (channels_last on CUDA), channels_last or contiguous
+    compile: bool = False         # torch.compile the networks' training passes
     method_settings: Any = None   # the method's own dataclass; filled by resolve_config
 
     def to_dict(self) -> dict:
@@ -193,6 +196,12 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("batch_size", "steps", "log_every", "sample_every", "checkpoint_every"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}: must be at least 1, got {getattr(cfg, key)}")
+    from imgcluster.precision import MEMORY_FORMATS, PRECISIONS
+
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"precision: must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.memory_format not in MEMORY_FORMATS:
+        raise ConfigError(f"memory_format: must be one of {', '.join(MEMORY_FORMATS)}, got {cfg.memory_format!r}")
     if cfg.batch_size < 2:
         raise ConfigError(f"batch_size: must be at least 2 (BatchNorm needs a batch), got {cfg.batch_size}")
     check = getattr(cfg.method_settings, "validate", None)

@@ -1,21 +1,29 @@
-"""Loss terms of both methods, as small pure functions on tensors (unit-tested one by one)."""
+"""Loss terms of both methods, as small pure functions on tensors (unit-tested one by one).
+
+Every term runs in fp32, also inside a bf16 autocast region (`precision.fp32`).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from imgcluster.precision import fp32
 
+
+@fp32
 def hinge_d(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
     """eq. 2 (D side): relu(1 - r_real).mean() + relu(1 + r_fake).mean()."""
     return F.relu(1.0 - real_scores).mean() + F.relu(1.0 + fake_scores).mean()
 
 
+@fp32
 def hinge_g(fake_scores: torch.Tensor) -> torch.Tensor:
     """eq. 2 (G side): -r_fake.mean()."""
     return -fake_scores.mean()
 
 
+@fp32
 def nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
     """eq. 4, L_img_cont: SimCLR's NT-Xent between two views, features (B, d) each.
 
@@ -30,6 +38,7 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
     return F.cross_entropy(sim, targets)
 
 
+@fp32
 def entropy_regulariser(logits: torch.Tensor) -> torch.Tensor:
     """eq. 4, L_entropy: mean H(q) - H(mean q) (the KL to uniform up to the constant log K).
 
@@ -43,6 +52,7 @@ def entropy_regulariser(logits: torch.Tensor) -> torch.Tensor:
     return per_image - marginal
 
 
+@fp32
 def mask_regulariser(mask: torch.Tensor, low: float = 0.1, high: float = 0.9) -> torch.Tensor:
     """eq. 5, L_mask: binary entropy (log2) of the mask + hinge keeping its area within [low, high].
 
@@ -59,6 +69,7 @@ def mask_regulariser(mask: torch.Tensor, low: float = 0.1, high: float = 0.9) ->
 # slcGAN
 # ---------------------------------------------------------------------------------------------
 
+@fp32
 def hinge_d_split(u_real: torch.Tensor, s_real: torch.Tensor,
                   u_fake: torch.Tensor, s_fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Algorithm 1 lines 14-15 (D side): the hinge split across the unary and the joint terms.
@@ -69,11 +80,13 @@ def hinge_d_split(u_real: torch.Tensor, s_real: torch.Tensor,
     return hinge_d(u_real, u_fake), hinge_d(s_real, s_fake)
 
 
+@fp32
 def hinge_g_split(u_fake: torch.Tensor, s_fake: torch.Tensor) -> torch.Tensor:
     """Algorithm 1 line 20 (G side): mean(-u_f - s_f)."""
     return hinge_g(u_fake) + hinge_g(s_fake)
 
 
+@fp32
 def multiview_consistency(logits: torch.Tensor, logits_aug: torch.Tensor, detach_target: bool = False) -> torch.Tensor:
     """eq. 5, L_aug: mean over images of sum_j -q_j log p_j, logits (B, K) each.
 

@@ -4,8 +4,16 @@ It knows nothing of terminals or flags: the CLI passes `progress_fn` (called eve
 steps with the logged metrics) and `stop_fn` (returns a signal number once Ctrl-C or SIGTERM has
 arrived; the loop then finishes the step, checkpoints and raises `Interrupted`).
 
-Exact resume: the checkpoint holds every network and optimiser state, the step and the RNG states;
-the data order is a pure function of (seed, epoch), so a resumed run repeats an uninterrupted one.
+Exact resume: the checkpoint holds every network and optimiser state, the step and the RNG states
+(of every process under torchrun); the data order is a pure function of (seed, epoch), so a resumed
+run repeats an uninterrupted one.
+
+Under torchrun every process runs this loop on its slice of each global batch (see distributed.py);
+rank 0 alone writes the run directory.
+
+No host-device synchronisation in the step loop: batches are gathered by index on the device (or
+from the memory-mapped cache into pinned memory, copied without blocking), losses are summed as
+device tensors and read back only at log steps.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import numpy as np
 import torch
 from torchvision.utils import save_image
 
+from imgcluster import distributed
 from imgcluster.checkpoint import CHECKPOINT_FORMAT, atomic_write_text, read_state, write_state
 from imgcluster.config import TrainConfig
 from imgcluster.data import ImageSet
@@ -71,15 +80,46 @@ def step_indices(step_index: int, n: int, batch: int, seed: int, per_step: int =
     return torch.cat([batch_indices(step_index * per_step + j, n, batch, seed) for j in range(per_step)])
 
 
-def training_tensor(images: ImageSet, device: torch.device) -> torch.Tensor:
-    """The usable cached images as one (N, S0, S0, 3) uint8 tensor on the training device."""
-    good = images.good_indices
-    return torch.from_numpy(np.ascontiguousarray(images.images[good])).to(device)
+class Batches:
+    """The usable cached images, served as (B, S0, S0, 3) uint8 batches on the training device.
+
+    On a GPU the whole set is copied to GPU memory once when it takes at most `gpu_fraction` of the
+    free memory; batches are then gathered there. Otherwise (CPU, or a set too large) each batch is
+    gathered from the memory-mapped cache, so host memory stays bounded by the page cache; on a GPU it
+    goes through pinned memory with a non-blocking copy, which overlaps the previous step's kernels.
+    """
+
+    def __init__(self, images: ImageSet, device: torch.device, gpu_fraction: float = 0.25):
+        self.device = device
+        self.rows = images.good_indices
+        self.source = images.images                                      # (N_files, S0, S0, 3) memmap
+        self.on_device = None
+        if device.type == "cuda":
+            nbytes = len(self.rows) * int(np.prod(self.source.shape[1:]))
+            free, _ = torch.cuda.mem_get_info(device)
+            if nbytes <= gpu_fraction * free:
+                self.on_device = torch.from_numpy(np.ascontiguousarray(self.source[self.rows])).to(device)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get(self, idx: torch.Tensor) -> torch.Tensor:
+        """The batch of usable-image indices `idx` (CPU tensor)."""
+        if self.on_device is not None:
+            return self.on_device[_to_device(idx, self.device)]
+        batch = torch.from_numpy(self.source[self.rows[idx.numpy()]])
+        return _to_device(batch, self.device)
+
+    def in_order(self, batch: int):
+        """Every usable image once, in order, in batches (BatchNorm re-estimation)."""
+        for start in range(0, len(self), batch):
+            yield self.get(torch.arange(start, min(start + batch, len(self))))
 
 
-def real_batches(data: torch.Tensor, batch: int):
-    for start in range(0, data.shape[0], batch):
-        yield data[start: start + batch]
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,13 +139,26 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def gather_rng_states(device: torch.device) -> dict:
+    """{"1": rng state of rank 1, ...} for ranks other than 0 (collective: every rank calls it)."""
+    mine = rng_state(device)
+    gathered = {key: distributed.gather_tensors(value.cpu()) for key, value in mine.items()}
+    return {str(r): {key: values[r] for key, values in gathered.items()} for r in range(1, distributed.world_size())}
+
+
 def save_checkpoint(run: RunDir, method, step: int, device: torch.device) -> None:
+    """Write the full state (rank 0); every rank must call it, as it gathers the RNG states."""
+    others = gather_rng_states(device) if distributed.active() else {}
+    if not distributed.is_main():
+        return
     state = {
         "step": step,
         "networks": {name: net.state_dict() for name, net in method.networks().items()},
         "optimizers": {name: opt.state_dict() for name, opt in method.optimizers().items()},
         "rng": rng_state(device),
     }
+    if others:
+        state["rng_ranks"] = others             # ranks 1.. of a torchrun run
     try:
         write_state(run.checkpoint, state, CHECKPOINT_FORMAT, {"method": method.name, "step": step})
     except OSError as e:
@@ -121,8 +174,20 @@ def load_checkpoint(run: RunDir, method, device: torch.device) -> int:
         net.load_state_dict(state["networks"][name])
     for name, opt in method.optimizers().items():
         opt.load_state_dict(state["optimizers"][name])
-    set_rng_state(state["rng"], device)
-    return int(state["step"])
+    step = int(state["step"])
+    rank = distributed.rank()
+    if rank == 0:
+        set_rng_state(state["rng"], device)
+    elif str(rank) in state.get("rng_ranks", {}):
+        set_rng_state(state["rng_ranks"][str(rank)], device)
+    else:                                       # resumed with more processes than saved: a fresh stream
+        torch.manual_seed(rank_seed(method.cfg.seed, rank) + step)
+    return step
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s random draws; rank 0 (and a single process) uses `seed` itself."""
+    return seed + 1_000_003 * rank
 
 
 def trim_metrics(path: Path, step: int) -> None:
@@ -163,66 +228,97 @@ def train(cfg: TrainConfig, run: RunDir, images: ImageSet, device: torch.device,
           stop_fn: Callable[[], int | None] | None = None) -> int:
     """Train `cfg.method` on the usable images to `cfg.steps`, writing the run directory.
 
-    Returns the final step. Raises Interrupted (after checkpointing) or NonFiniteLoss.
+    Returns the final step. Raises Interrupted (after checkpointing), NonFiniteLoss or
+    CheckpointSaveError. Under torchrun every rank calls it; rank 0 writes the files.
     """
     from imgcluster.methods import METHODS
 
+    main, world = distributed.is_main(), distributed.world_size()
     torch.manual_seed(cfg.seed)
-    method = METHODS[cfg.method](cfg, device)
-    run.make()
+    method = METHODS[cfg.method](cfg, device)          # equal initial weights on every rank
+    if not main:
+        torch.manual_seed(rank_seed(cfg.seed, distributed.rank()))
     start = 0
     if resume and run.checkpoint.exists():
         start = load_checkpoint(run, method, device)
-        trim_metrics(run.metrics, start)
-    elif run.metrics.exists():
-        run.metrics.unlink()
-    save_config(run, cfg)
+    if main:
+        run.make()
+        if start:
+            trim_metrics(run.metrics, start)
+        elif run.metrics.exists():
+            run.metrics.unlink()
+        save_config(run, cfg)
 
-    data = training_tensor(images, device)
-    n = data.shape[0]
+    data = Batches(images, device)
+    n = len(data)
     per_step = getattr(method, "real_batches_per_step", 1)     # e.g. slcGAN: one real batch per D step
     sums: dict[str, torch.Tensor] = {}
     count, t_log, t_start = 0, time.perf_counter(), time.perf_counter()
 
-    def check_finite(step: int) -> None:
-        if sums and not bool(torch.isfinite(torch.stack(list(sums.values()))).all()):
-            bad = [k for k, v in sums.items() if not math.isfinite(float(v))]
-            raise NonFiniteLoss(f"non-finite loss ({', '.join(bad)}) between steps {step - count + 1} and {step}; "
-                                f"the last good checkpoint is kept in {run.checkpoint}")
+    def logged_means() -> dict[str, float]:
+        """Mean of each loss since the last log over steps (and ranks); raises NonFiniteLoss (everywhere)."""
+        names = sorted(sums)
+        means = torch.stack([sums[k] for k in names]) / count
+        if distributed.active():
+            torch.distributed.all_reduce(means)
+            means /= world
+        values = dict(zip(names, means.tolist()))
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if distributed.agree(int(bool(bad))):
+            raise NonFiniteLoss(f"non-finite loss ({', '.join(bad) or 'on another rank'}) between steps "
+                                f"{step - count + 1} and {step}; the last good checkpoint is kept in {run.checkpoint}")
+        return values
+
+    def checkpoint(step: int) -> None:
+        """Save on rank 0; every rank learns whether it worked, so all stop together if not."""
+        error = None
+        try:
+            save_checkpoint(run, method, step, device)
+        except CheckpointSaveError as e:
+            error = e
+        if distributed.agree(int(error is not None)):
+            raise error or CheckpointSaveError(f"rank 0 could not save the checkpoint of step {step}")
 
     step = start
     for step in range(start + 1, cfg.steps + 1):
-        idx = step_indices(step - 1, n, cfg.batch_size, cfg.seed, per_step).to(device)
-        losses = method.train_step(data[idx])
+        idx = step_indices(step - 1, n, cfg.batch_size * world, cfg.seed, per_step)
+        losses = method.train_step(data.get(distributed.rank_slice(idx, per_step)))
         for k, v in losses.items():
-            sums[k] = sums[k] + v if k in sums else v.float()
+            sums[k] = sums[k] + v.float() if k in sums else v.float()
         count += 1
 
         if step % cfg.log_every == 0 or step == cfg.steps:
-            check_finite(step)
+            means = logged_means()
             now = time.perf_counter()
-            # images_per_s counts real images consumed (batch_size * per_step per step).
-            record = {"step": step, **{k: round(float(v) / count, 6) for k, v in sums.items()},
-                      "images_per_s": round(count * cfg.batch_size * per_step / (now - t_log), 2),
+            # images_per_s counts real images consumed (batch_size * per_step per step, on every rank).
+            record = {"step": step, **{k: round(v, 6) for k, v in means.items()},
+                      "images_per_s": round(count * cfg.batch_size * per_step * world / (now - t_log), 2),
                       "elapsed_s": round(now - t_start, 2)}
-            with open(run.metrics, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            if main:
+                with open(run.metrics, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
             if progress_fn:
                 progress_fn({"step": step, "total": cfg.steps, "start": start, "metrics": record})
             sums, count, t_log = {}, 0, now
-        if step % cfg.sample_every == 0:
+        if step % cfg.sample_every == 0 and main:
             sample_grid(method, cfg, run.samples / f"step-{step:07d}.png")
-        signum = stop_fn() if stop_fn else None
+        signum = distributed.agree((stop_fn() if stop_fn else None) or 0) or None
         if step % cfg.checkpoint_every == 0 or signum is not None:
-            check_finite(step)
-            save_checkpoint(run, method, step, device)
+            if count:
+                logged_means()                       # never checkpoint a non-finite state
+            checkpoint(step)
         if signum is not None:
             raise Interrupted(signum, step)
 
+    drifted = distributed.drifted_modules(method.networks())
+    if drifted:
+        raise RuntimeError(f"the ranks' {', '.join(drifted)} weights differ at step {step}: "
+                           f"gradients were not synchronised")
     if step > start:
-        save_checkpoint(run, method, step, device)
-        if cfg.steps % cfg.sample_every:
+        checkpoint(step)
+        if cfg.steps % cfg.sample_every and main:
             sample_grid(method, cfg, run.samples / f"step-{step:07d}.png")
-    method.recalibrate(real_batches(data, cfg.batch_size))
-    save_model(run, method, cfg, step)
+    if main:
+        method.recalibrate(data.in_order(cfg.batch_size))
+        save_model(run, method, cfg, step)
     return step

@@ -18,7 +18,7 @@ from imgcluster.losses import hinge_d_split, hinge_g_split, multiview_consistenc
 from imgcluster.methods import METHODS
 from imgcluster.models.slcgan import Discriminator, Generator, SlcGANConfig, build_clusterer
 from imgcluster.rundir import RunDir, load_model, save_config, save_model
-from imgcluster.training import batch_indices, load_checkpoint, real_batches, save_checkpoint, step_indices
+from imgcluster.training import batch_indices, load_checkpoint, save_checkpoint, step_indices
 
 CPU = torch.device("cpu")
 
@@ -277,7 +277,7 @@ def test_method_forward_backward_step_save_load_assign_generate(method_name, tmp
     assert {k: v.item() for k, v in a.items()} == {k: v.item() for k, v in b.items()}
 
     # model file: recalibrate, save, rebuild from the run directory alone; same assign and generate
-    method.recalibrate(real_batches(data, cfg.batch_size))
+    method.recalibrate(data.split(cfg.batch_size))
     save_config(run, cfg)
     save_model(run, method, cfg, 2)
     _, loaded = load_model(run, CPU)

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 
 from imgcluster import augment
 from imgcluster.config import ConfigError
-from imgcluster.methods.common import cached_side, eval_view, recalibrate_batchnorm
+from imgcluster.methods.common import cached_side, eval_view, recalibrate_batchnorm, training_handle
 from imgcluster.losses import entropy_regulariser, hinge_d, hinge_g, mask_regulariser, nt_xent
 from imgcluster.models.c3gan import C3GANConfig, Discriminator, Generator, init_weights
+from imgcluster.precision import autocast, resolve_precision
 
 
 @dataclass
@@ -69,6 +70,10 @@ class C3GAN:
         self.D = Discriminator(self.net_cfg).to(device)
         init_weights(self.G)
         init_weights(self.D)
+        # What each network's own update step calls (DDP under torchrun, compiled on request).
+        self.G_train = training_handle(self.G, cfg, device)
+        self.D_train = training_handle(self.D, cfg, device)
+        self.amp = resolve_precision(cfg.precision, device)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=s.lr, betas=s.betas)
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=s.lr, betas=s.betas)
 
@@ -84,12 +89,12 @@ class C3GAN:
 
     # Training --------------------------------------------------------------------------------
 
-    def fake_batch(self, batch: int):
+    def fake_batch(self, batch: int, generator=None):
         """Fresh z, c and perturbation -> composite x, perturbed mask m', cluster indices k."""
         z = torch.randn(batch, self.s.z_dim, device=self.device)
         k = sample_codes(batch, self.cfg.clusters, self.device)
         c = F.one_hot(k, self.cfg.clusters).float()
-        bg, fg, mask = self.G(z, c)
+        bg, fg, mask = (generator or self.G)(z, c)
         theta = augment.perturb_params(batch, self.s.perturb, self.device)
         fg, mask = augment.perturb(theta, fg, mask)
         x = bg * (1 - mask) + fg * mask                                  # eq. 1: composite
@@ -114,33 +119,36 @@ class C3GAN:
         strong = augment.strong_view(real, size)
 
         # (1) Update D: each kind of input is its own batch, so BatchNorm sees each kind apart.
-        with torch.no_grad():
-            x_fake, mask, k = self.fake_batch(batch)
-        r_real, h_real = self.D(weak)
-        _, h_strong = self.D(strong)
-        r_fake, h_fake = self.D(x_fake)
-        _, h_fg = self.D(mask * x_fake)
-        logits_real = self.D.cluster_logits(h_real)
-        d_adv = hinge_d(r_real, r_fake)
-        d_info = F.cross_entropy(self.D.cluster_logits(h_fake), k)
-        d_info_fg = F.cross_entropy(self.D.cluster_logits(h_fg), k)
-        d_cont = nt_xent(h_real, h_strong, s.tau)
-        d_ent = entropy_regulariser(logits_real)
-        d_loss = (d_adv + s.w_info * d_info + s.w_info_fg * d_info_fg
-                  + s.w_contrastive * d_cont + s.w_entropy * d_ent)
+        with autocast(self.device, self.amp):
+            with torch.no_grad():
+                x_fake, mask, k = self.fake_batch(batch)
+            r_real, h_real = self.D_train(weak)
+            _, h_strong = self.D_train(strong)
+            r_fake, h_fake = self.D_train(x_fake)
+            _, h_fg = self.D_train(mask * x_fake)
+            logits_real = self.D.cluster_logits(h_real)
+            d_adv = hinge_d(r_real, r_fake)
+            d_info = F.cross_entropy(self.D.cluster_logits(h_fake), k)
+            d_info_fg = F.cross_entropy(self.D.cluster_logits(h_fg), k)
+            d_cont = nt_xent(h_real, h_strong, s.tau)
+            d_ent = entropy_regulariser(logits_real)
+            d_loss = (d_adv + s.w_info * d_info + s.w_info_fg * d_info_fg
+                      + s.w_contrastive * d_cont + s.w_entropy * d_ent)
         self.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         self.opt_d.step()
 
-        # (2) Update G: fresh z, c, perturbation; D stays in train mode; only G's optimiser steps.
-        x_fake, mask, k = self.fake_batch(batch)
-        r_fake, _ = self.D(x_fake)
-        g_info, g_info_fg = self.info_losses(x_fake, mask, k)
-        g_adv = hinge_g(r_fake)
-        g_mask = mask_regulariser(mask)
-        g_loss = g_adv + s.w_info * g_info + s.w_info_fg * g_info_fg + s.w_mask * g_mask
+        # (2) Update G: fresh z, c, perturbation; D stays in train mode. Gradients flow through D
+        # but accumulate in G's parameters only (D's would be discarded before D's next step anyway).
+        with autocast(self.device, self.amp):
+            x_fake, mask, k = self.fake_batch(batch, self.G_train)
+            r_fake, _ = self.D(x_fake)
+            g_info, g_info_fg = self.info_losses(x_fake, mask, k)
+            g_adv = hinge_g(r_fake)
+            g_mask = mask_regulariser(mask)
+            g_loss = g_adv + s.w_info * g_info + s.w_info_fg * g_info_fg + s.w_mask * g_mask
         self.opt_g.zero_grad(set_to_none=True)
-        g_loss.backward()
+        g_loss.backward(inputs=list(self.G.parameters()))
         self.opt_g.step()
 
         with torch.no_grad():

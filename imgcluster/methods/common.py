@@ -1,11 +1,26 @@
-"""Pieces both methods share at inference time."""
+"""Pieces both methods share: how a network is prepared for training, and inference views."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from imgcluster import augment
+from imgcluster import augment, distributed
+from imgcluster.precision import resolve_memory_format
+
+
+def training_handle(net: nn.Module, cfg, device: torch.device) -> nn.Module:
+    """Prepare `net` for training and return what its own update step calls.
+
+    The memory format (channels_last on CUDA by default) is set on `net` itself. The returned handle
+    is `net`, or `net` in DistributedDataParallel under torchrun, compiled with torch.compile when
+    `cfg.compile` is set. Checkpoints, inference and the other networks' steps use `net` directly.
+    """
+    net.to(memory_format=resolve_memory_format(cfg.memory_format, device))
+    handle = distributed.wrap(net, device)
+    if cfg.compile:
+        handle = torch.compile(handle)
+    return handle
 
 
 def cached_side(cfg) -> int:

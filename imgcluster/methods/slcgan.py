@@ -18,9 +18,10 @@ import torch.nn.functional as F
 
 from imgcluster import augment
 from imgcluster.config import ConfigError
-from imgcluster.methods.common import cached_side, eval_view, recalibrate_batchnorm
+from imgcluster.methods.common import cached_side, eval_view, recalibrate_batchnorm, training_handle
 from imgcluster.losses import hinge_d_split, hinge_g_split, multiview_consistency
 from imgcluster.models.slcgan import Discriminator, Generator, SlcGANConfig, build_clusterer
+from imgcluster.precision import autocast, resolve_precision
 
 
 @dataclass
@@ -77,6 +78,11 @@ class SlcGAN:
         self.G = Generator(self.net_cfg).to(device)
         self.D = Discriminator(self.net_cfg).to(device)
         self.C = build_clusterer(self.net_cfg).to(device)
+        # What each network's own update step calls (DDP under torchrun, compiled on request).
+        self.G_train = training_handle(self.G, cfg, device)
+        self.D_train = training_handle(self.D, cfg, device)
+        self.C_train = training_handle(self.C, cfg, device)
+        self.amp = resolve_precision(cfg.precision, device)
         self.G_ema = None
         if s.ema:
             self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
@@ -115,15 +121,16 @@ class SlcGAN:
         """Algorithm 1 lines 10-15 on one real batch (B, 3, S0, S0) in [-1, 1]; only D is updated."""
         batch = real.shape[0]
         x = augment.weak_view(real, self.cfg.image_size)                  # (B, 3, S, S)
-        with torch.no_grad():
-            y_real = self.C(x).softmax(dim=1)                             # soft labels (B, K)
-            z, _, c = self.latents(batch)
-            x_fake = self.G(z, c)
-        # D has no BatchNorm, so one pass over [real; fake] equals two (and runs one power iteration).
-        u, s = self.D(torch.cat([x, x_fake]), torch.cat([y_real, c]))
-        (u_r, u_f), (s_r, s_f) = u.split(batch), s.split(batch)
-        d_unary, d_joint = hinge_d_split(u_r, s_r, u_f, s_f)
-        d_loss = self.s.w_adv * (d_unary + d_joint)
+        with autocast(self.device, self.amp):
+            with torch.no_grad():
+                y_real = self.C(x).float().softmax(dim=1)                 # soft labels (B, K)
+                z, _, c = self.latents(batch)
+                x_fake = self.G(z, c)
+            # D has no BatchNorm, so one pass over [real; fake] equals two (and runs one power iteration).
+            u, s = self.D_train(torch.cat([x, x_fake.to(x.dtype)]), torch.cat([y_real, c]))
+            (u_r, u_f), (s_r, s_f) = u.split(batch), s.split(batch)
+            d_unary, d_joint = hinge_d_split(u_r, s_r, u_f, s_f)
+            d_loss = self.s.w_adv * (d_unary + d_joint)
         self.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         self.opt_d.step()
@@ -132,12 +139,13 @@ class SlcGAN:
 
     def g_step(self, batch: int) -> dict:
         """Algorithm 1 lines 16-21: fresh z, c; adversarial terms + eq. 4 CE through C; only G is updated."""
-        z, k, c = self.latents(batch)
-        x_fake = self.G(z, c)
-        u_f, s_f = self.D(x_fake, c)
-        g_adv = hinge_g_split(u_f, s_f)                                   # line 20: mean(-u_f - s_f)
-        g_mi = F.cross_entropy(self.C(x_fake), k)                         # line 21, eq. 4
-        g_loss = self.s.w_adv * g_adv + self.s.w_mi * g_mi
+        with autocast(self.device, self.amp):
+            z, k, c = self.latents(batch)
+            x_fake = self.G_train(z, c)
+            u_f, s_f = self.D(x_fake, c)
+            g_adv = hinge_g_split(u_f, s_f)                               # line 20: mean(-u_f - s_f)
+            g_mi = F.cross_entropy(self.C(x_fake).float(), k)             # line 21, eq. 4
+            g_loss = self.s.w_adv * g_adv + self.s.w_mi * g_mi
         self.opt_g.zero_grad(set_to_none=True)
         # Gradients flow through D and C to G, but are accumulated into G's parameters only:
         # C is not updated by eq. 4 (the paper: better results, no shortcuts shared by G and C).
@@ -150,12 +158,13 @@ class SlcGAN:
         """Algorithm 1 lines 22-28 on a real batch (B, 3, S0, S0); only C is updated."""
         x = augment.weak_view(real, self.cfg.image_size)
         x_t = self.augmented_view(real)
-        logits = self.C(x)                                                # (B, K) -> p
-        logits_t = self.C(x_t)                                            # (B, K) -> q; its own batch for BN
-        with torch.no_grad():
-            phi = self.D.features(x)                                      # (B, C_D): does not depend on C
-        s_r = self.D.project(phi, logits.softmax(dim=1))                  # line 24: joint term of real pairs
-        c_adv = s_r.mean()                                                # line 27: C lowers D's score of real pairs
+        with autocast(self.device, self.amp):
+            logits = self.C_train(x).float()                              # (B, K) -> p
+            logits_t = self.C_train(x_t).float()                          # (B, K) -> q; its own batch for BN
+            with torch.no_grad():
+                phi = self.D.features(x)                                  # (B, C_D): does not depend on C
+            s_r = self.D.project(phi, logits.softmax(dim=1))              # line 24: joint term of real pairs
+        c_adv = s_r.float().mean()                                        # line 27: C lowers D's score of real pairs
         # Line 28 / eq. 5: sum_j -q_j log p_j. The paper names no stop-gradient and Algorithm 1 takes
         # grad_theta_c of the whole sum, so by default both views get gradients (p is pulled towards q,
         # and q is sharpened towards p's mode: "the same pseudo-label for an image and its augmented

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from imgcluster.precision import fp32
+
 
 @dataclass
 class C3GANConfig:
@@ -130,7 +132,7 @@ class ClusterConv(nn.Module):
         w_sel = torch.einsum("bk,okij->boij", c_onehot.to(w_code.dtype), w_code)  # (B, O, 3, 3)
         ones = feats.new_ones(1, 1, *feats.shape[2:])
         bias_map = F.conv2d(ones, w_sel.reshape(b * o, 1, 3, 3), padding=1)  # (1, B*O, H, W)
-        return out + bias_map.view(b, o, *feats.shape[2:])
+        return out + bias_map.reshape(b, o, *feats.shape[2:])
 
 
 class Generator(nn.Module):
@@ -219,6 +221,7 @@ class Discriminator(nn.Module):
         h = self.sem_head(feats).flatten(1)                               # (B, h_dim)
         return r, h
 
+    @fp32                                 # cosine / small tau: no bf16 here
     def cluster_logits(self, h, loop: bool | None = None):
         """eq. 3: cosine similarity to every centroid / tau, (B, K).
 

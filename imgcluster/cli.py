@@ -115,6 +115,9 @@ def build_config(data_dir: Path, run_root: Path | None, flags: dict, preset: str
         if run.checkpoint.exists() and not restart:
             saved = load_config(run)
             cfg = resolve_config((saved.to_dict(), str(run.config)), (explicit, "flags"), (overrides, "--set"))
+            if cfg.method != saved.method:
+                raise ConfigError(f"{run.root} was trained with {saved.method}, not {cfg.method}; "
+                                  f"pass --restart to start over or --out for a new run")
             changed = sorted(k for k, v in cfg.to_dict().items() if v != saved.to_dict()[k] and k not in RESUMABLE_KEYS)
             if changed:
                 raise ConfigError(f"{run.root} was trained with other settings ({', '.join(changed)}); "
@@ -173,7 +176,8 @@ def run_training(cfg, run, device, resuming: bool, quiet: bool, strict: bool = F
             training.train(cfg, run, images, device, resume=resuming, progress_fn=on_log, stop_fn=stop)
         except training.Interrupted as e:
             code = 130 if e.signum == signal.SIGINT else 143
-            console.info(f"checkpoint saved at step {e.step} in {run.checkpoint}; run the same command to resume")
+            if main:
+                console.info(f"checkpoint saved at step {e.step} in {run.checkpoint}; run the same command to resume")
             raise typer.Exit(code)
         except (training.NonFiniteLoss, training.CheckpointSaveError) as e:
             fail(str(e), EXIT_RUNTIME)

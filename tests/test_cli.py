@@ -168,6 +168,22 @@ def test_resume_refuses_other_settings(trained, mnist_200):
     assert "clusters" in result.stderr and "--restart" in result.stderr
 
 
+def test_resume_refuses_another_method(trained, mnist_200):
+    result = run("train", mnist_200, "--out", trained, "--method", "slcgan")
+    assert result.exit_code == 2
+    assert "trained with c3gan, not slcgan" in result.stderr and "--restart" in result.stderr
+
+
+def test_method_flag_conflicting_with_the_preset_is_refused(mnist_200, tmp_path):
+    result = run("train", mnist_200, "--clusters", 5, "--method", "slcgan", "--preset", "cpu-tiny",
+                 "--out", tmp_path / "r", "--dry-run")
+    assert result.exit_code == 2
+    assert "--method slcgan conflicts with preset cpu-tiny" in result.stderr
+    # a preset names its method: no --method needed
+    result = run("train", mnist_200, "--clusters", 5, "--preset", "slcgan-tiny", "--out", tmp_path / "r", "--dry-run")
+    assert result.exit_code == 0 and yaml.safe_load(result.stdout)["method"] == "slcgan"
+
+
 def test_dry_run_prints_config_and_trains_nothing(mnist_200, tmp_path):
     result = run("train", mnist_200, "--clusters", 7, "--preset", "cpu-tiny", "--out", tmp_path / "r", "--dry-run",
                  "--set", "c3gan.ngf=8")

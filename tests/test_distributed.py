@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,24 @@ def test_two_processes_keep_the_networks_in_step(mnist_200, tmp_path):
                              "--steps", "3", "--quiet"], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert metric_steps(out)[-1] == 3
+
+
+def test_sigterm_to_torchrun_saves_once_and_resumes(mnist_200, tmp_path):
+    """SIGTERM to torchrun: its agent passes it on; both processes stop at the same step, rank 0 saves."""
+    out = tmp_path / "sig"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "imgcluster",
+               "train", str(mnist_200), "--clusters", "10", "--preset", "cpu-tiny", "--steps", "100000",
+               "--out", str(out), "--set", "checkpoint_every=100000", "--set", "log_every=1"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert stderr.count("checkpoint saved at step") == 1, stderr[-3000:]
+    saved = int(stderr.split("checkpoint saved at step ")[1].split()[0])
+    result = torchrun("train", mnist_200, "--out", out, "--steps", saved + 2, "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert metric_steps(out)[-2:] == [saved + 1, saved + 2]

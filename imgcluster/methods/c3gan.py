@@ -94,7 +94,7 @@ class C3GAN:
         z = torch.randn(batch, self.s.z_dim, device=self.device)
         k = sample_codes(batch, self.cfg.clusters, self.device)
         c = F.one_hot(k, self.cfg.clusters).float()
-        bg, fg, mask = (generator or self.G)(z, c)
+        bg, fg, mask = (self.G if generator is None else generator)(z, c)
         theta = augment.perturb_params(batch, self.s.perturb, self.device)
         fg, mask = augment.perturb(theta, fg, mask)
         x = bg * (1 - mask) + fg * mask                                  # eq. 1: composite

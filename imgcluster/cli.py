@@ -102,6 +102,18 @@ class StopFlag:
 # train
 # ---------------------------------------------------------------------------------------------
 
+def auto_preset(data_dir: Path, method: str, image_size: int | None) -> str:
+    """The preset for a new run without --preset, announced on stderr."""
+    from imgcluster.config import pick_preset
+    from imgcluster.data import scan_folder, typical_side
+
+    files = scan_folder(data_dir)
+    side = typical_side(data_dir, files)
+    name, why = pick_preset(method, image_size, side)
+    console.info(f"no --preset given: using {name} ({len(files)} files, {why}); pass --preset to choose")
+    return name
+
+
 def build_config(data_dir: Path, run_root: Path | None, flags: dict, preset: str | None, sets: list[str],
                  restart: bool):
     """(cfg, run, resuming): a new config from defaults < preset < flags, or the saved one of a run."""
@@ -123,6 +135,9 @@ def build_config(data_dir: Path, run_root: Path | None, flags: dict, preset: str
                 raise ConfigError(f"{run.root} was trained with other settings ({', '.join(changed)}); "
                                   f"pass --restart to start over or --out for a new run")
             return cfg, run, True
+    if preset is None:
+        method = str(overrides.get("method") or explicit.get("method") or "c3gan")
+        preset = auto_preset(data_dir, method, explicit.get("image_size"))
     layers = [(load_preset(preset), f"preset {preset}")] if preset else []
     for values, source in layers:
         if "method" in explicit and values.get("method", explicit["method"]) != explicit["method"]:

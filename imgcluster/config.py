@@ -63,6 +63,26 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in files if p.name.endswith(".yaml"))
 
 
+def pick_preset(method: str, image_size: int | None, typical_side: int | None) -> tuple[str, str]:
+    """(preset name, why) when the user names none: the method's preset for the image size.
+
+    The size is --image-size when given, else the one closest to the folder's typical image side
+    (median short side) without upscaling much: up to 40 px -> 32, up to 80 px -> 64, larger -> 128.
+    Small images (digits, CIFAR) gain nothing from a larger canvas, and large ones lose the detail
+    fine-grained classes need at 32 px.
+    """
+    if image_size is None:
+        if typical_side is None:
+            image_size, why = 32, "no readable image to size it by"
+        else:
+            image_size = 32 if typical_side <= 40 else 64 if typical_side <= 80 else 128
+            why = f"typical image {typical_side} px"
+    else:
+        why = f"--image-size {image_size}"
+    size = image_size if image_size in (32, 64, 128) else 32
+    return f"{method}-{size}", why
+
+
 def read_yaml(text: str, source: str) -> dict:
     try:
         data = yaml.safe_load(text)

@@ -184,6 +184,22 @@ def test_method_flag_conflicting_with_the_preset_is_refused(mnist_200, tmp_path)
     assert result.exit_code == 0 and yaml.safe_load(result.stdout)["method"] == "slcgan"
 
 
+def test_without_preset_one_is_picked_from_the_folder(mnist_200, tmp_path):
+    """28 px MNIST digits -> the 32 px preset; large images -> 128; --image-size and --method steer it."""
+    result = run("train", mnist_200, "--clusters", 5, "--out", tmp_path / "r", "--dry-run")
+    assert result.exit_code == 0
+    assert "using c3gan-32" in result.stderr and "typical image 28 px" in result.stderr
+    assert yaml.safe_load(result.stdout)["image_size"] == 32
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(3):
+        Image.new("RGB", (400, 300), (i * 60, 90, 30)).save(big / f"{i}.jpg")
+    result = run("train", big, "--clusters", 2, "--method", "slcgan", "--out", tmp_path / "b", "--dry-run")
+    assert "using slcgan-128" in result.stderr and yaml.safe_load(result.stdout)["image_size"] == 128
+    result = run("train", big, "--clusters", 2, "--image-size", 64, "--out", tmp_path / "b", "--dry-run")
+    assert "using c3gan-64" in result.stderr
+
+
 def test_dry_run_prints_config_and_trains_nothing(mnist_200, tmp_path):
     result = run("train", mnist_200, "--clusters", 7, "--preset", "cpu-tiny", "--out", tmp_path / "r", "--dry-run",
                  "--set", "c3gan.ngf=8")

@@ -7,6 +7,7 @@ Run by hand, not by pytest:
     python tests/bench/train_speed.py                        # CPU: 32, 64, 128 px at batch 16
     python tests/bench/train_speed.py --device cuda --batch-size 64
     python tests/bench/train_speed.py --sizes 128 --steps 3 --markdown >> tests/bench/RESULTS.md
+    python tests/bench/train_speed.py --device cuda --sizes 128 --precision fp32 bf16 --batch-size 64
 
 Inputs are real CUB-100 bird images from ../shared/data (resized once in memory); random pixels
 if the archive is absent (the step's cost does not depend on content). At 128 px it also times the
@@ -92,6 +93,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", nargs="+", default=["fp32"], help="fp32 and/or bf16 (autocast), each timed")
     ap.add_argument("--no-literal", action="store_true", help="skip the literal-formulation comparison")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table for RESULTS.md")
     args = ap.parse_args()
@@ -99,13 +101,14 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     rows = []
-    for size in args.sizes:
+    for size, precision in [(size, p) for size in args.sizes for p in args.precision]:
         cfg = resolve_config(({"method": args.method, "image_size": size, "clusters": args.clusters,
-                               "batch_size": args.batch_size}, "bench"))
+                               "batch_size": args.batch_size, "precision": precision}, "bench"))
         method = METHODS[args.method](cfg, device)
         data = real_images(max(64, args.batch_size), METHODS[args.method].cache_size(cfg))
         variants = [("imgcluster", False)]
-        if size == 128 and not args.no_literal and hasattr(method, "G") and hasattr(method.G, "tex_in"):
+        if (size == 128 and precision == "fp32" and not args.no_literal and hasattr(method, "G")
+                and hasattr(method.G, "tex_in")):
             variants.append(("literal", True))
         for name, literal in variants:
             if literal:
@@ -114,21 +117,23 @@ def main() -> None:
             set_literal(method, False) if literal else None
             # images/s counts real images read, as the training loop's metrics do (slcGAN: 2 batches a step)
             real_per_step = args.batch_size * getattr(method, "real_batches_per_step", 1)
-            rows.append({"method": args.method, "size": size, "variant": name, "batch": args.batch_size,
+            rows.append({"method": args.method, "size": size, "variant": name, "precision": precision,
+                         "batch": args.batch_size,
                          "s_per_step": sec, "img_per_s": real_per_step / sec,
                          "peak_mb": peak_memory_mb(device)})
-            print(f"{args.method} {size}px {name}: {sec:.3f} s/step, {rows[-1]['img_per_s']:.1f} img/s, "
+            print(f"{args.method} {size}px {name} {precision}: {sec:.3f} s/step, {rows[-1]['img_per_s']:.1f} img/s, "
                   f"peak {rows[-1]['peak_mb']:.0f} MB", file=sys.stderr, flush=True)
 
     if args.markdown:
         dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
         print(f"\n`python tests/bench/train_speed.py {' '.join(sys.argv[1:])}` on {dev}, torch {torch.__version__}, K = {args.clusters}\n")
-        print("| method | size | variant | batch | s/step | images/s | peak memory (MB) | speed-up vs literal |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| method | size | variant | precision | batch | s/step | images/s | peak memory (MB) | speed-up vs literal |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         literal = {r["size"]: r["s_per_step"] for r in rows if r["variant"] == "literal"}
         for r in rows:
-            ratio = f"{literal[r['size']] / r['s_per_step']:.2f}x" if r["size"] in literal and r["variant"] != "literal" else ""
-            print(f"| {r['method']} | {r['size']} | {r['variant']} | {r['batch']} | {r['s_per_step']:.3f} | "
+            ratio = (f"{literal[r['size']] / r['s_per_step']:.2f}x"
+                     if r["size"] in literal and r["variant"] != "literal" and r["precision"] == "fp32" else "")
+            print(f"| {r['method']} | {r['size']} | {r['variant']} | {r['precision']} | {r['batch']} | {r['s_per_step']:.3f} | "
                   f"{r['img_per_s']:.1f} | {r['peak_mb']:.0f} | {ratio} |")
 
 

@@ -25,7 +25,7 @@ EXIT_RUNTIME, EXIT_USAGE, EXIT_NO_IMAGES = 1, 2, 3
 # Settings a resumed run may change: how long to train and how often to log.
 # Settings a resumed run may change: they do not change what the saved state means.
 RESUMABLE_KEYS = {"steps", "log_every", "sample_every", "checkpoint_every", "sample_clusters",
-                  "precision", "memory_format", "compile"}
+                  "precision", "memory_format", "compile", "select_model"}
 
 
 def fail(message: str, code: int = EXIT_RUNTIME):
@@ -188,7 +188,7 @@ def run_training(cfg, run, device, resuming: bool, quiet: bool, strict: bool = F
             rep.update(event["step"], event["total"], f"D {m['d_loss']:.3f} G {m['g_loss']:.3f} "
                        f"{m['images_per_s']:.0f} img/s")
         try:
-            training.train(cfg, run, images, device, resume=resuming, progress_fn=on_log, stop_fn=stop)
+            chosen = training.train(cfg, run, images, device, resume=resuming, progress_fn=on_log, stop_fn=stop)
         except training.Interrupted as e:
             code = 130 if e.signum == signal.SIGINT else 143
             if main:
@@ -199,6 +199,13 @@ def run_training(cfg, run, device, resuming: bool, quiet: bool, strict: bool = F
     distributed.shutdown()                 # the rest is rank 0's alone
     if not main:
         return
+    if chosen["step"] != chosen["last_step"]:
+        console.info(f"model.safetensors holds step {chosen['step']}: its clusters are better balanced "
+                     f"({chosen['cluster_balance']:.3f}) than the last step's ({chosen['last_balance']:.3f}); "
+                     f"--set select_model=last keeps the last")
+    else:
+        console.info(f"model.safetensors holds the last step, {chosen['step']} "
+                     f"(cluster balance {chosen['cluster_balance']:.3f})")
     summary = pipeline.finish_run(run, device, images)
     console.info(f"assigned {summary['images']} images to {summary['clusters_used']} of {cfg.clusters} clusters: "
                  f"{run.assignments}; sheets in {run.sheets}")

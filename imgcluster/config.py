@@ -43,6 +43,7 @@ class TrainConfig:
     precision: str = "auto"       # auto (bf16 autocast on a CUDA GPU with bf16, else fp32), bf16 or fp32
     memory_format: str = "auto"   # auto (channels_last on CUDA), channels_last or contiguous
     compile: bool = False         # torch.compile the networks' training passes
+    select_model: str = "balance"  # which weights model.safetensors holds: balance (see selection.py) or last
     method_settings: Any = None   # the method's own dataclass; filled by resolve_config
 
     def to_dict(self) -> dict:
@@ -222,6 +223,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"precision: must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.memory_format not in MEMORY_FORMATS:
         raise ConfigError(f"memory_format: must be one of {', '.join(MEMORY_FORMATS)}, got {cfg.memory_format!r}")
+    if cfg.select_model not in ("balance", "last"):
+        raise ConfigError(f"select_model: must be balance or last, got {cfg.select_model!r}")
     if cfg.batch_size < 2:
         raise ConfigError(f"batch_size: must be at least 2 (BatchNorm needs a batch), got {cfg.batch_size}")
     check = getattr(cfg.method_settings, "validate", None)

@@ -31,6 +31,11 @@ class RunDir:
         return self.root / "checkpoint" / "state.safetensors"
 
     @property
+    def best_model(self) -> Path:
+        """The inference weights of the checkpoint that label-free selection rates best so far."""
+        return self.root / "checkpoint" / "best-model.safetensors"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
 
@@ -75,11 +80,16 @@ def load_config(run: RunDir) -> TrainConfig:
     return config_from_dict(data, str(run.config))
 
 
-def save_model(run: RunDir, method, cfg: TrainConfig, step: int) -> None:
-    """Inference weights (every network, buffers included) with format, method and config in the metadata."""
+def save_model(run: RunDir, method, cfg: TrainConfig, step: int, *, path: Path | None = None,
+               extra: dict | None = None) -> None:
+    """Inference weights (every network, buffers included) with format, method and config in the metadata.
+
+    Written to `path` (default RUN_DIR/model.safetensors); `extra` adds metadata (e.g. the selection score).
+    """
     state = {name: net.state_dict() for name, net in method.networks().items()}
-    write_state(run.model, state, MODEL_FORMAT,
-                {"method": cfg.method, "step": step, "config": dump_config(cfg), "imgcluster_version": __version__})
+    write_state(path or run.model, state, MODEL_FORMAT,
+                {"method": cfg.method, "step": step, "config": dump_config(cfg), "imgcluster_version": __version__,
+                 **(extra or {})})
 
 
 def load_model(run: RunDir, device: torch.device):

@@ -33,7 +33,7 @@ from imgcluster import distributed
 from imgcluster.checkpoint import CHECKPOINT_FORMAT, atomic_write_text, read_state, write_state
 from imgcluster.config import TrainConfig
 from imgcluster.data import ImageSet
-from imgcluster.rundir import RunDir, save_config, save_model
+from imgcluster.rundir import RunDir, save_config
 
 
 class Interrupted(Exception):
@@ -228,10 +228,12 @@ def train(cfg: TrainConfig, run: RunDir, images: ImageSet, device: torch.device,
           stop_fn: Callable[[], int | None] | None = None) -> int:
     """Train `cfg.method` on the usable images to `cfg.steps`, writing the run directory.
 
-    Returns the final step. Raises Interrupted (after checkpointing), NonFiniteLoss or
+    Returns what model.safetensors holds ({"step", "cluster_balance", "last_step", "last_balance"}; see
+    selection.py) on rank 0, {} on the others. Raises Interrupted (after checkpointing), NonFiniteLoss or
     CheckpointSaveError. Under torchrun every rank calls it; rank 0 writes the files.
     """
     from imgcluster.methods import METHODS
+    from imgcluster.selection import Selector
 
     main, world = distributed.is_main(), distributed.world_size()
     torch.manual_seed(cfg.seed)
@@ -251,6 +253,7 @@ def train(cfg: TrainConfig, run: RunDir, images: ImageSet, device: torch.device,
 
     data = Batches(images, device)
     n = len(data)
+    selector = Selector(cfg, run, data, start) if main else None
     per_step = getattr(method, "real_batches_per_step", 1)     # e.g. slcGAN: one real batch per D step
     sums: dict[str, torch.Tensor] = {}
     count, t_log, t_start = 0, time.perf_counter(), time.perf_counter()
@@ -306,6 +309,8 @@ def train(cfg: TrainConfig, run: RunDir, images: ImageSet, device: torch.device,
         if step % cfg.checkpoint_every == 0 or signum is not None:
             if count:
                 logged_means()                       # never checkpoint a non-finite state
+            if main and step % cfg.checkpoint_every == 0:
+                selector.consider(method, step)      # regular checkpoints only: resume stays exact
             checkpoint(step)
         if signum is not None:
             raise Interrupted(signum, step)
@@ -318,7 +323,7 @@ def train(cfg: TrainConfig, run: RunDir, images: ImageSet, device: torch.device,
         checkpoint(step)
         if cfg.steps % cfg.sample_every and main:
             sample_grid(method, cfg, run.samples / f"step-{step:07d}.png")
-    if main:
-        method.recalibrate(data.in_order(cfg.batch_size))
-        save_model(run, method, cfg, step)
-    return step
+    if not main:
+        return {}
+    method.recalibrate(data.in_order(cfg.batch_size))
+    return selector.finish(method, step)

@@ -9,6 +9,7 @@
     eval_view(uint8 batch)        the float view inference and sheets use
     assign(uint8 batch)           (cluster, confidence) per image
     generate(cluster indices)     images in [-1, 1]
+    clusterer                     name of the attribute holding the network that assign/recalibrate use
 
 Optional:
 

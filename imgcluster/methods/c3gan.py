@@ -60,6 +60,7 @@ def sample_codes(batch: int, clusters: int, device) -> torch.Tensor:
 class C3GAN:
     name = "c3gan"
     Settings = C3GANSettings
+    clusterer = "D"                # the network `assign` and `recalibrate` use (its semantic head)
 
     def __init__(self, cfg, device: torch.device):
         s: C3GANSettings = cfg.method_settings

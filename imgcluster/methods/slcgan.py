@@ -65,6 +65,7 @@ class SlcGANSettings:
 class SlcGAN:
     name = "slcgan"
     Settings = SlcGANSettings
+    clusterer = "C"                # the network `assign` and `recalibrate` use
     # The loop hands train_step this many consecutive real batches per step: one per D step.
     # The instance attribute set in __init__ follows the setting d_steps (default 2).
     real_batches_per_step = 2

@@ -314,7 +314,7 @@ def assign(
         fail(f"DATA_DIR {folder}: no such folder", EXIT_USAGE)
     with errors_as_exit_codes():
         with console.Reporter("assigning", quiet) as rep:
-            # rows stream out while the cache is built; only the sheets' members are kept
+            # rows stream out as they are assigned; only the sheets' members are kept
             rows = pipeline.assign_folder(method, folder, pipeline.cache_size(cfg), batch_size=batch_size,
                                           strict=strict, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
                                           progress=lambda d, t: rep.update(d, t))

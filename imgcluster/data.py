@@ -1,14 +1,17 @@
 """The data folder: find files, decode them with one loader policy, and cache them as uint8 arrays.
 
-Every file under DATA_DIR is decoded and resized once into `<cache>/<key>.npy` (a memory-mapped
-(N, size, size, 3) uint8 array) plus `<key>.json` (file list, ok flags, reasons), so training never
-decodes an image per step. A file that cannot be used never stops anything: it gets a zero row,
-ok=False and a one-line reason, which ends up in bad_images.csv and in the `error` column of
-assignments.
+Every file under DATA_DIR is decoded and resized once into `<cache>/<name>.npy` (a memory-mapped
+(N, size, size, 3) uint8 array) plus `<name>.json` (file list, each file's size and mtime, ok flags,
+reasons), so training never decodes an image per step. The name hashes the folder, the size, the pixel
+limit and every file's (path, size, mtime); when files are added, changed or removed, the new cache
+copies the rows of unchanged files from the folder's previous cache and decodes only the rest. A file
+that cannot be used never stops anything: it gets a zero row, ok=False and a one-line reason, which
+ends up in bad_images.csv and in the `error` column of assignments.
 """
 
 from __future__ import annotations
 
+import base64
 import csv
 import hashlib
 import json
@@ -19,18 +22,23 @@ import re
 import stat
 import time
 import warnings
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 from PIL import Image, ImageOps
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2                      # 2: names start with a folder id; the JSON holds each file's size and mtime
 DEFAULT_MAX_PIXELS = 2 * 89_478_485   # Pillow's own hard limit (2 x Image.MAX_IMAGE_PIXELS default)
 SEQUENTIAL_BELOW = 512                # fewer files than this: decode in this process
 CHUNK = 256                           # most files per worker task
+IN_FLIGHT_PER_WORKER = 2              # decoded chunks waiting per worker, at most: bounds memory
+SHARING_NICE = 10                     # decoding workers' niceness while the caller uses the rows (on_rows)
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +238,16 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "imgcluster"
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may use (its affinity: containers, taskset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """Decoding processes of a cache build: one per usable CPU, at most 8."""
+    return min(usable_cpus(), 8)
+
+
 def _decode_one(root: Path, rel: str, size: int, max_pixels) -> tuple[np.ndarray | None, str]:
     try:
         return resize_square(load_image(root / rel, max_pixels), size), ""
@@ -251,17 +269,114 @@ def _decode_chunk(root: Path, rels: list[str], size: int, max_pixels) -> tuple[n
     return block, reasons
 
 
-def _cache_key(root: Path, files: list[str], size: int, max_pixels) -> str:
-    """sha256 over the format, size, pixel limit, the folder's real path and each file's (path, size, mtime)."""
-    entries = []
+def _decode_stream(root, rels, size, max_pixels, workers, nice: int = 0) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """Decode `rels` in order, yielding (block, reasons) pieces: chunks from worker processes (niced by
+    `nice`) when there are enough files, else one file at a time in this process, which also finishes
+    if the pool breaks."""
+    n, done = len(rels), 0
+    if workers > 1 and n >= SEQUENTIAL_BELOW:
+        chunk = max(16, min(CHUNK, -(-n // (workers * 4))))
+        for block, reasons in _decode_parallel(root, rels, size, max_pixels, workers, chunk, nice):
+            done += len(reasons)
+            yield block, reasons
+    for s in range(done, n):
+        yield _decode_chunk(root, rels[s:s + 1], size, max_pixels)
+
+
+def _decode_parallel(root, rels, size, max_pixels, workers, chunk, nice=0) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """Decode chunks of `rels` in worker processes, yielding them in order; ends early, with a logged
+    warning, if the pool cannot start or breaks (the caller decodes the rest itself).
+
+    At most IN_FLIGHT_PER_WORKER chunks per worker are decoded ahead of the reader, so memory stays
+    bounded however slowly the rows are used. Workers come from 'forkserver' (or 'spawn'), never a fork
+    of this process, which may hold CUDA state or threads (a progress bar) whose locks a forked child
+    would inherit; `nice` > 0 lowers their priority.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    try:
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=os.nice if nice else None,
+                                   initargs=(nice,) if nice else ())
+    except (BrokenExecutor, OSError) as e:      # no semaphores / cannot start processes
+        log.warning("cannot start decoding workers (%s); decoding in one process", e)
+        return
+    pending: deque = deque()
+    try:
+        for s in range(0, len(rels), chunk):
+            pending.append(pool.submit(_decode_chunk, root, rels[s:s + chunk], size, max_pixels))
+            if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    except (BrokenExecutor, OSError) as e:
+        log.warning("parallel decoding failed (%s); finishing in one process", e)
+    finally:                                    # also when the reader stops early (error, Ctrl-C)
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache files: names, the earlier cache of a folder, crash leftovers
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class _EarlierCache:
+    """A complete cache of the same folder, size and pixel limit, made from another file list."""
+    files: list[str]
+    stats: np.ndarray             # (N, 2) int64, as _stat_files
+    reasons: list[str]
+    npy: BinaryIO                 # its .npy, open: an open file outlives its deletion by another process
+    offset: int                   # where the rows start in it
+    size: int
+
+    def rows(self, index: np.ndarray) -> np.ndarray:
+        """Rows `index` as (len, size, size, 3) uint8, one read per run of consecutive rows.
+
+        Plain reads, not the memmap: pages read through a memmap count in this process's resident
+        set, which would grow to the whole earlier cache during a rebuild.
+        """
+        out = np.empty((len(index), self.size, self.size, 3), np.uint8)
+        row_bytes = out[0].nbytes
+        bounds = [0, *(np.flatnonzero(np.diff(index) != 1) + 1).tolist(), len(index)]
+        for a, b in zip(bounds, bounds[1:]):
+            self.npy.seek(self.offset + int(index[a]) * row_bytes)
+            if self.npy.readinto(memoryview(out[a:b]).cast("B")) != (b - a) * row_bytes:
+                raise OSError(f"{self.npy.name}: cut short")
+        return out
+
+
+def _stat_files(root: Path, files: list[str]) -> np.ndarray:
+    """(N, 2) int64: each file's size and mtime_ns, -1 when it cannot be stat'ed: what tells a changed file."""
+    base, stats = os.fspath(root), []
     for rel in files:
         try:
-            st = os.stat(root / rel)
-            entries.append([rel, st.st_size, st.st_mtime_ns])
+            st = os.stat(os.path.join(base, rel))
+            stats.append((st.st_size, st.st_mtime_ns))
         except OSError:
-            entries.append([rel, -1, -1])
-    material = [CACHE_FORMAT, size, max_pixels, os.path.realpath(root), entries]
-    return hashlib.sha256(json.dumps(material).encode("ascii")).hexdigest()
+            stats.append((-1, -1))
+    return np.array(stats, dtype=np.int64).reshape(len(files), 2)
+
+
+def _pack_stats(stats: np.ndarray) -> str:
+    """Stats as base64 of little-endian int64 pairs: one JSON string parses in no time, where 100k
+    small lists would slow down every reuse of the cache (which needs only the file list)."""
+    return base64.b64encode(stats.astype("<i8").tobytes()).decode("ascii")
+
+
+def _unpack_stats(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype="<i8").reshape(-1, 2).astype(np.int64)
+
+
+def _cache_name(real_root: str, size: int, max_pixels, files: list[str], stats: np.ndarray) -> tuple[str, str]:
+    """(folder id, name): name = '<folder id>-<sha256 of everything>'.
+
+    The folder id (16 hex digits over the format, size, pixel limit and the folder's real path) starts
+    the name of every cache of that folder at that size, so a rebuild finds the earlier one by name.
+    """
+    folder = hashlib.sha256(json.dumps([CACHE_FORMAT, size, max_pixels, real_root]).encode("ascii")).hexdigest()
+    digest = hashlib.sha256(folder.encode("ascii"))
+    digest.update(json.dumps(files).encode("ascii"))
+    digest.update(stats.astype("<i8").tobytes())
+    return folder[:16], f"{folder[:16]}-{digest.hexdigest()}"
 
 
 def _read_cache(npy: Path, meta: Path, files: list[str], size: int):
@@ -278,6 +393,73 @@ def _read_cache(npy: Path, meta: Path, files: list[str], size: int):
     return images, np.asarray(info["ok"], dtype=bool), list(info["reasons"])
 
 
+def _earlier_cache(cache_dir: Path, folder: str, name: str, real_root: str, size: int,
+                   max_pixels) -> _EarlierCache | None:
+    """The newest complete cache of the same folder, size and pixel limit, other than `name`, or None."""
+    dated = []
+    for meta in cache_dir.glob(f"{folder}-*.json"):
+        try:
+            dated.append((meta.stat().st_mtime_ns, meta))
+        except OSError:
+            continue                            # deleted by another process meanwhile
+    for _, meta in sorted(dated, reverse=True):
+        if meta.stem == name:
+            continue                            # this very file list: unreadable, or it would have been used
+        try:
+            info = json.loads(meta.read_text(encoding="ascii"))
+            if (info.get("format") != CACHE_FORMAT or info["real_root"] != real_root or info["size"] != size
+                    or info["max_pixels"] != max_pixels):
+                continue
+            files, stats, reasons = info["files"], _unpack_stats(info["stats"]), info["reasons"]
+            npy = open(cache_dir / f"{meta.stem}.npy", "rb")
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if len(stats) == len(reasons) == len(files) and _holds_rows(npy, len(files), size):
+            return _EarlierCache(files, stats, reasons, npy, npy.tell(), size)
+        npy.close()
+    return None
+
+
+def _holds_rows(npy: BinaryIO, n: int, size: int) -> bool:
+    """Whether the open .npy holds (n, size, size, 3) uint8 rows in full; leaves it at the first row."""
+    try:
+        np.lib.format.read_magic(npy)
+        header = np.lib.format.read_array_header_1_0(npy)
+        length = os.fstat(npy.fileno()).st_size
+    except (OSError, ValueError):
+        return False
+    return header == ((n, size, size, 3), False, np.dtype(np.uint8)) and length == npy.tell() + n * size * size * 3
+
+
+def _remove_earlier_caches(cache_dir: Path, folder: str, keep: str) -> None:
+    """Delete the folder's other caches (same size and pixel limit): the new one supersedes them.
+
+    The JSON goes first, so a half-deleted cache is never trusted; a process that has the old .npy
+    mapped (a training run) keeps reading it, as a deleted file lives on while it is open.
+    """
+    for meta in cache_dir.glob(f"{folder}-*.json"):
+        if meta.stem == keep:
+            continue
+        try:
+            meta.unlink()
+            (cache_dir / f"{meta.stem}.npy").unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _remove_leftovers(cache_dir: Path, folder: str, max_age_s: float = 3600.0) -> None:
+    """Files of this folder's caches left by a crashed build, untouched for an hour, are deleted: temp
+    files, and a .npy whose JSON never came (the JSON is written last)."""
+    for path in [*cache_dir.glob(f"{folder}-*.tmp-*"), *cache_dir.glob(f"{folder}-*.npy")]:
+        try:
+            if path.suffix == ".npy" and path.with_suffix(".json").exists():
+                continue
+            if time.time() - path.stat().st_mtime > max_age_s:
+                path.unlink()
+        except OSError:
+            pass
+
+
 def _atomic_write(path: Path, write: Callable) -> None:
     """write(f) into '<path>.tmp-<pid>', flush + fsync, then rename over `path`."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -292,61 +474,130 @@ def _atomic_write(path: Path, write: Callable) -> None:
         raise
 
 
-def _decode_all(root, files, size, max_pixels, workers, progress, put_block) -> list[str]:
-    """Decode every file in order, handing (start, block, reasons) to put_block; returns the reasons."""
-    n, reasons = len(files), []
-    chunk = max(16, min(CHUNK, -(-n // (workers * 4))))
-    starts = list(range(0, n, chunk))
-    if progress:
-        progress(0, n)
+# ---------------------------------------------------------------------------------------------
+# Building a cache: copy unchanged rows, decode the rest
+# ---------------------------------------------------------------------------------------------
 
-    def done(start, block, rs):
-        put_block(start, block)
-        reasons.extend(rs)
-        if progress:
-            progress(len(reasons), n)
+def _reuse_rows(files: list[str], stats: np.ndarray, earlier: _EarlierCache | None) -> np.ndarray:
+    """For each file, its row in the earlier cache if it is there unchanged (same path, size and mtime), else -1.
 
-    if workers > 1 and n >= SEQUENTIAL_BELOW:
-        if _decode_parallel(root, files, size, max_pixels, workers, starts, chunk, done):
-            return reasons
-    for s in range(len(reasons), n):           # one file at a time, resuming after any parallel chunks
-        done(s, *_decode_chunk(root, files[s:s + 1], size, max_pixels))
-    return reasons
-
-
-def _decode_parallel(root, files, size, max_pixels, workers, starts, chunk, done) -> bool:
-    """Decode chunks in worker processes, passing results to done() in order; False if the pool broke.
-
-    Workers come from 'forkserver' (or 'spawn'), never a fork of this process, which may hold CUDA
-    state or threads (a progress bar) whose locks a forked child would inherit.
+    Rows of files that were unreadable are never reused: fixing a permission does not change the mtime.
     """
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    pool = None
+    if earlier is None or not earlier.files:
+        return np.full(len(files), -1, dtype=np.int64)
+    old = {rel: j for j, rel in enumerate(earlier.files)}
+    source = np.array([old.get(rel, -1) for rel in files], dtype=np.int64)
+    trusted = np.array([not r.startswith("unreadable") for r in earlier.reasons] + [False])   # [-1]: not there
+    same = (earlier.stats[source] == stats).all(axis=1) & (stats[:, 0] >= 0) & trusted[source]
+    return np.where(same, source, -1)
+
+
+def _runs(flags: np.ndarray) -> Iterator[tuple[int, int, bool]]:
+    """Maximal runs of equal values in a bool array, as (start, stop, value)."""
+    edges = (np.flatnonzero(flags[1:] != flags[:-1]) + 1).tolist()
+    bounds = [0, *edges, len(flags)]
+    for start, stop in zip(bounds, bounds[1:]):
+        yield start, stop, bool(flags[start])
+
+
+def _cache_rows(root, files, size, max_pixels, workers, source: np.ndarray, earlier: _EarlierCache | None,
+                nice: int = 0) -> Iterator[tuple[int, np.ndarray, list[str]]]:
+    """Every row of the set, in order, as (start, block, reasons): rows with source >= 0 are copied from
+    the earlier cache, the others decoded (in worker processes when there are many)."""
+    todo = np.flatnonzero(source < 0)
+    decoded = _decode_stream(root, [files[i] for i in todo], size, max_pixels, workers, nice)
+    left = None                                 # (block, reasons) decoded but not handed out yet
     try:
-        pool = ProcessPoolExecutor(workers, mp_context=context)
-        jobs = pool.map(_decode_chunk, *zip(*[(root, files[s:s + chunk], size, max_pixels) for s in starts]))
-    except (BrokenExecutor, OSError) as e:      # no semaphores / cannot start processes
-        log.warning("cannot start decoding workers (%s); decoding in one process", e)
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        return False
-    with pool:
-        for s in starts:
-            try:
-                block, reasons = next(jobs)     # map() yields in order, so rows stream out in order
-            except (BrokenExecutor, OSError) as e:
-                log.warning("parallel decoding failed (%s); finishing in one process", e)
-                pool.shutdown(wait=True, cancel_futures=True)
-                return False
-            done(s, block, reasons)             # errors here (disk full) are the caller's, not the pool's
-    return True
+        for start, stop, reuse in _runs(source >= 0):
+            if reuse:
+                for s in range(start, stop, CHUNK):
+                    old = source[s:min(s + CHUNK, stop)]
+                    yield s, earlier.rows(old), [earlier.reasons[j] for j in old]
+                continue
+            s = start
+            while s < stop:                     # decoded pieces may straddle runs: cut them to fit
+                block, reasons = left if left is not None else next(decoded)
+                m = min(stop - s, len(reasons))
+                yield s, block[:m], reasons[:m]
+                left = (block[m:], reasons[m:]) if m < len(reasons) else None
+                s += m
+    finally:
+        decoded.close()                         # stops the worker pool if the reader stopped early
+
+
+class _Delivery:
+    """Hands each block of a build to `progress` and `on_rows`.
+
+    A build that falls back to memory after a failed write starts over; on_rows still sees every row
+    exactly once, in order.
+    """
+
+    def __init__(self, n: int, progress, on_rows):
+        self.n, self.progress, self.on_rows = n, progress, on_rows
+        self.seen = 0                           # rows on_rows has had
+
+    def begin(self) -> None:
+        if self.progress:
+            self.progress(0, self.n)
+
+    def __call__(self, start: int, block: np.ndarray, reasons: list[str]) -> None:
+        stop = start + len(reasons)
+        if self.on_rows is not None and stop > self.seen:
+            skip = max(self.seen - start, 0)
+            self.on_rows(start + skip, block[skip:], reasons[skip:])
+            self.seen = stop
+        if self.progress:
+            self.progress(stop, self.n)
+
+
+def _build_cache(rows, npy: Path, meta: Path, info: dict, deliver: _Delivery):
+    """Stream `rows` into the .npy (temp file, fsync, rename), then the JSON, last: it marks the cache complete."""
+    shape = (len(info["files"]), info["size"], info["size"], 3)
+    reasons: list[str] = []
+
+    def write_npy(f):
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        deliver.begin()
+        with closing(rows):
+            for start, block, rs in rows:
+                f.write(block.tobytes())
+                reasons.extend(rs)
+                deliver(start, block, rs)
+
+    _atomic_write(npy, write_npy)
+    ok = [not r for r in reasons]
+    info = {**info, "ok": ok, "reasons": reasons}
+    _atomic_write(meta, lambda f: f.write(json.dumps(info).encode("ascii")))
+    return np.load(npy, mmap_mode="r"), np.array(ok, dtype=bool), reasons
+
+
+def _build_in_memory(rows, shape: tuple, deliver: _Delivery):
+    """The set as a read-only in-memory array, for when the cache cannot be written."""
+    images = np.zeros(shape, np.uint8)
+    reasons: list[str] = []
+    deliver.begin()
+    with closing(rows):
+        for start, block, rs in rows:
+            images[start:start + len(rs)] = block
+            reasons.extend(rs)
+            deliver(start, block, rs)
+    images.flags.writeable = False
+    return images, np.array([not r for r in reasons], dtype=bool), reasons
 
 
 def load_image_set(root, size: int, *, cache_dir: Path | None = None, files: list[str] | None = None,
                    max_pixels=DEFAULT_MAX_PIXELS, workers: int | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> ImageSet:
+                   progress: Callable[[int, int], None] | None = None,
+                   on_rows: Callable[[int, np.ndarray, list[str]], None] | None = None) -> ImageSet:
     """Decode and resize every file once into a uint8 cache (or reuse a matching cache); see module doc.
+
+    A build copies the rows of files unchanged since the folder's newest earlier cache (same relative
+    path, size and mtime; same folder, size and pixel limit) and decodes only new or changed files; once
+    it is complete the earlier caches of the folder are deleted. `on_rows(start, block, reasons)` sees
+    every row of a build once, in order, as it is produced, so a caller can use rows before the build
+    ends; it is not called when the cache is reused. The decoding workers then run at a lower priority
+    (SHARING_NICE), so the caller's work on the rows comes first: a model on the CPU runs threads that
+    wait for each other at every layer, and crawls when decoders take a core from one of them.
 
     The .npy is streamed to a temporary file with ordinary writes (a full disk is an OSError, not a
     SIGBUS from a sparse memmap), fsynced and renamed; the JSON is renamed last, so a crash never
@@ -357,60 +608,40 @@ def load_image_set(root, size: int, *, cache_dir: Path | None = None, files: lis
     files = scan_folder(root) if files is None else list(files)
     if not files:
         raise DataError(f"{root}: no files found (the folder is empty or holds only hidden files)")
-    if workers is None:                 # the CPUs this process may use (containers), at most 8
-        workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
-    workers = max(1, workers)
+    workers = max(1, default_workers() if workers is None else workers)
     n, shape = len(files), (len(files), size, size, 3)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = _cache_key(root, files, size, max_pixels)
-    npy, meta = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    real_root, stats = os.path.realpath(root), _stat_files(root, files)
+    folder, name = _cache_name(real_root, size, max_pixels, files, stats)
+    npy, meta = cache_dir / f"{name}.npy", cache_dir / f"{name}.json"
 
     hit = _read_cache(npy, meta, files, size)
-    if hit is None:
-        try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temps(cache_dir, key)
-            hit = _build_cache(root, files, size, max_pixels, workers, progress, npy, meta)
-        except OSError as e:
-            log.warning("cannot write image cache in %s (%s); keeping images in memory", cache_dir, e.strerror or e)
-            images = np.zeros(shape, np.uint8)
+    if hit is not None:
+        if progress:
+            progress(n, n)
+        return ImageSet(root, files, size, *hit)
 
-            def put_block(start, block):
-                images[start:start + len(block)] = block
-
-            reasons = _decode_all(root, files, size, max_pixels, workers, progress, put_block)
-            images.flags.writeable = False
-            hit = images, np.array([not r for r in reasons], dtype=bool), reasons
-    elif progress:
-        progress(n, n)
-    images, ok, reasons = hit
-    return ImageSet(root=root, files=files, size=size, images=images, ok=ok, reasons=reasons)
-
-
-def _build_cache(root, files, size, max_pixels, workers, progress, npy: Path, meta: Path):
-    shape = (len(files), size, size, 3)
-    reasons: list[str] = []
-
-    def write_npy(f):
-        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
-        reasons.extend(_decode_all(root, files, size, max_pixels, workers, progress,
-                                   lambda s, block: f.write(block.tobytes())))
-
-    _atomic_write(npy, write_npy)
-    ok = [not r for r in reasons]
-    info = {"format": CACHE_FORMAT, "files": files, "ok": ok, "reasons": reasons, "size": size, "root": str(root)}
-    _atomic_write(meta, lambda f: f.write(json.dumps(info).encode("ascii")))   # last: marks the cache complete
-    return np.load(npy, mmap_mode="r"), np.array(ok, dtype=bool), reasons
-
-
-def _remove_stale_temps(cache_dir: Path, key: str, max_age_s: float = 3600.0) -> None:
-    """Temporary files of this key left by a crashed build (untouched for an hour) are deleted."""
-    for tmp in cache_dir.glob(f"{key}.*.tmp-*"):
-        try:
-            if time.time() - tmp.stat().st_mtime > max_age_s:
-                tmp.unlink()
-        except OSError:
-            pass
+    deliver = _Delivery(n, progress, on_rows)
+    nice = SHARING_NICE if on_rows is not None else 0
+    earlier = None
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(cache_dir, folder)
+        earlier = _earlier_cache(cache_dir, folder, name, real_root, size, max_pixels)
+        rows = _cache_rows(root, files, size, max_pixels, workers, _reuse_rows(files, stats, earlier), earlier, nice)
+        info = {"format": CACHE_FORMAT, "files": files, "stats": _pack_stats(stats), "size": size,
+                "max_pixels": max_pixels, "root": str(root), "real_root": real_root}
+        hit = _build_cache(rows, npy, meta, info, deliver)
+        _remove_earlier_caches(cache_dir, folder, keep=name)
+    except OSError as e:
+        log.warning("cannot write image cache in %s (%s); keeping images in memory", cache_dir, e.strerror or e)
+        # every file decoded again: the error may have come from reading the earlier cache
+        rows = _cache_rows(root, files, size, max_pixels, workers, _reuse_rows(files, stats, None), None, nice)
+        hit = _build_in_memory(rows, shape, deliver)
+    finally:
+        if earlier is not None:
+            earlier.npy.close()
+    return ImageSet(root, files, size, *hit)
 
 
 def write_bad_images(path: Path, image_set: ImageSet) -> int:
@@ -425,3 +656,19 @@ def write_bad_images(path: Path, image_set: ImageSet) -> int:
         writer.writerow(["path", "reason"])
         writer.writerows(rows)
     return len(rows)
+
+
+def typical_side(root: Path, files: list[str], sample: int = 64) -> int | None:
+    """Median short side of up to `sample` files spread over the list, read from the headers only
+    (no decoding); None when none of them opens as an image. Picks a preset's image size."""
+    if not files:
+        return None
+    step = max(1, len(files) // sample)
+    sides = []
+    for rel in files[::step][:sample]:
+        try:
+            with Image.open(Path(root) / rel) as img:
+                sides.append(min(img.size))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    return int(np.median(sides)) if sides else None

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import heapq
 import json
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -16,6 +19,8 @@ from torchvision.utils import save_image
 from imgcluster.data import ImageSet
 
 ASSIGN_FIELDS = ["path", "cluster", "confidence", "error"]
+SHEET_MEMBERS = 16          # real images per cluster on a sheet: write_sheets' per_row * real_rows
+READ_AHEAD = 2              # batches read (and copied to the device) ahead of the model
 
 
 @dataclass
@@ -27,38 +32,223 @@ class Assignment:
 
 
 # ---------------------------------------------------------------------------------------------
+# Batches for the model, read ahead in a thread
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """Files [start, start + len(reasons)) of a set, in order, with the pixels of the good ones among them.
+
+    Each batch but the last ends at its batch_size-th good file, so the model sees the same batches
+    whether the rows come from a finished cache or from a cache being built.
+    """
+    start: int
+    reasons: list[str]                  # '' for a good file, else why it cannot be used
+    pixels: torch.Tensor | None         # (good files, S, S, 3) uint8, on the method's device; None if none is good
+
+
+class Upload:
+    """Turns a uint8 batch into a tensor on `device`, from the read-ahead thread.
+
+    On CUDA the copy goes through pinned memory on a side stream, so it overlaps the forward of the
+    batch before (which runs on the default stream); elsewhere the batch stays on the CPU.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def __call__(self, pixels: np.ndarray) -> torch.Tensor:
+        batch = torch.from_numpy(pixels)
+        if self.stream is None:
+            return batch
+        with torch.cuda.stream(self.stream):
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        self.stream.synchronize()                                  # whole before it is handed over
+        batch.record_stream(torch.cuda.default_stream(self.device))   # memory not reused while the forward reads it
+        return batch
+
+
+def set_batches(images: ImageSet, batch_size: int, upload: Upload) -> Iterator[Batch]:
+    """The batches of a finished set, reading only the good rows from the memmap."""
+    good = images.good_indices
+    start = 0
+    for first in range(0, len(good), batch_size):
+        rows = good[first:first + batch_size]
+        stop = int(rows[-1]) + 1
+        yield Batch(start, images.reasons[start:stop], upload(np.ascontiguousarray(images.images[rows])))
+        start = stop
+    if start < len(images.files):
+        yield Batch(start, images.reasons[start:], None)
+
+
+class BatchMaker:
+    """Cuts the rows of a cache build (on_rows of load_image_set: blocks in file order) into the same
+    batches as set_batches, and hands each to `put` as soon as it is complete."""
+
+    def __init__(self, batch_size: int, put: Callable[[Batch], None], upload: Upload):
+        self.batch_size, self.put, self.upload = batch_size, put, upload
+        self.start = 0                          # first file of the batch being filled
+        self.reasons: list[str] = []            # of files start, start + 1, ... so far
+        self.pixels: list[np.ndarray] = []      # good rows so far, in pieces
+        self.count = 0                          # good rows so far
+
+    @property
+    def seen(self) -> int:
+        return self.start + len(self.reasons)
+
+    def add(self, start: int, block: np.ndarray, reasons: list[str]) -> None:
+        """Rows start, start + 1, ... of the set; they arrive in order."""
+        good = [i for i, r in enumerate(reasons) if not r]
+        cut = 0                                 # rows of this block before `cut` are in a full batch
+        while good:
+            room = self.batch_size - self.count
+            take, good = good[:room], good[room:]
+            self.pixels.append(block[take])
+            self.count += len(take)
+            if self.count == self.batch_size:   # full: the batch ends at its last good row
+                self.reasons.extend(reasons[cut:take[-1] + 1])
+                cut = take[-1] + 1
+                self._hand_over()
+        self.reasons.extend(reasons[cut:])
+
+    def finish(self) -> None:
+        if self.reasons:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        pixels = self.upload(np.concatenate(self.pixels)) if self.count else None
+        self.put(Batch(self.start, self.reasons, pixels))
+        self.start += len(self.reasons)
+        self.reasons, self.pixels, self.count = [], [], 0
+
+
+class _Stopped(Exception):
+    """Raised in a read-ahead thread whose reader has gone."""
+
+
+@dataclass
+class _Failed:
+    error: BaseException
+
+
+def read_ahead(produce: Callable[[Callable[[object], None]], None], depth: int = READ_AHEAD) -> Iterator:
+    """Run produce(put) in a thread and yield what it puts, in order, at most `depth` items ahead.
+
+    An error in the thread comes out here. If the reader stops early (an error, Ctrl-C), the thread's
+    next put raises, so it unwinds (a cache build deletes its temporary file) before this returns.
+    """
+    items: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> None:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped
+
+    def run() -> None:
+        try:
+            produce(put)
+            put(done)
+        except _Stopped:
+            pass
+        except BaseException as e:         # handed to the reader, which raises it
+            try:
+                put(_Failed(e))
+            except _Stopped:
+                pass
+
+    thread = threading.Thread(target=run, name="imgcluster-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while (item := items.get()) is not done:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+# ---------------------------------------------------------------------------------------------
 # Assign
 # ---------------------------------------------------------------------------------------------
 
+def assign_batches(method, files: list[str], batches: Iterable[Batch]) -> Iterator[Assignment]:
+    """One Assignment per file covered by the batches, in order; unusable files get their reason, no cluster."""
+    for batch in batches:
+        scores = iter(())
+        if batch.pixels is not None:
+            cluster, conf = method.assign(batch.pixels)
+            scores = zip(cluster.tolist(), conf.tolist())
+        for i, reason in enumerate(batch.reasons, batch.start):
+            if reason:
+                yield Assignment(files[i], None, None, reason)
+            else:
+                yield Assignment(files[i], *next(scores))
+
+
 def assign_images(method, images: ImageSet, batch_size: int = 256) -> Iterator[Assignment]:
-    """One Assignment per file of the set, in its order; unusable files get their reason, no cluster."""
-    good = images.good_indices
-    results: dict[int, tuple[int, float]] = {}
-    next_row = 0
-    for start in range(0, len(good), batch_size):
-        rows = good[start: start + batch_size]
-        batch = torch.from_numpy(np.ascontiguousarray(images.images[rows]))
-        cluster, conf = method.assign(batch)
-        results.update(zip(rows.tolist(), zip(cluster.tolist(), conf.tolist())))
-        last = int(rows[-1])
-        while next_row <= last:              # stream every row up to the last one scored
-            yield _row(images, next_row, results)
-            next_row += 1
-    while next_row < len(images.files):
-        yield _row(images, next_row, results)
-        next_row += 1
+    """One Assignment per file of the set, in its order; unusable files get their reason, no cluster.
+
+    A thread reads the next batches from the memmap (and copies them to the device) during the forward.
+    """
+    upload = Upload(method.device)
+
+    def produce(put):
+        for batch in set_batches(images, batch_size, upload):
+            put(batch)
+
+    return assign_batches(method, images.files, read_ahead(produce))
 
 
-def _row(images: ImageSet, i: int, results: dict) -> Assignment:
-    if images.ok[i]:
-        cluster, conf = results.pop(i)
-        return Assignment(images.files[i], cluster, conf)
-    return Assignment(images.files[i], None, None, images.reasons[i])
+class Tally:
+    """What writing the assignments keeps: counts, and per cluster the `keep` most confident rows (what
+    the sheets draw), so memory does not grow with the folder."""
+
+    def __init__(self, keep: int = 0):
+        self.keep = keep
+        self.rows = self.bad = 0
+        self.clusters: set[int] = set()
+        self._best: dict[int, list] = {}       # cluster -> min-heap of (confidence, -row number, row)
+
+    def add(self, row: Assignment) -> None:
+        self.rows += 1
+        if row.cluster is None:
+            self.bad += 1
+            return
+        self.clusters.add(row.cluster)
+        if self.keep:
+            heap = self._best.setdefault(row.cluster, [])
+            item = (row.confidence, -self.rows, row)      # equal confidence: the earlier row ranks higher
+            if len(heap) < self.keep:
+                heapq.heappush(heap, item)
+            else:
+                heapq.heappushpop(heap, item)
+
+    @property
+    def assigned(self) -> int:
+        return self.rows - self.bad
+
+    @property
+    def kept(self) -> list[Assignment]:
+        """The kept rows in file order, so write_sheets picks the same ones as from every row."""
+        items = [item for heap in self._best.values() for item in heap]
+        return [row for _, _, row in sorted(items, key=lambda item: -item[1])]
 
 
-def write_assignments(rows, out: TextIO, fmt: str = "csv") -> list[Assignment]:
-    """Write rows as CSV (path,cluster,confidence,error) or JSON lines; returns them."""
-    kept = []
+def write_assignments(rows, out: TextIO, fmt: str = "csv", keep: int = 0) -> Tally:
+    """Write rows as CSV (path,cluster,confidence,error) or JSON lines as they come.
+
+    Returns a Tally: the counts, and per cluster the `keep` most confident rows (SHEET_MEMBERS for
+    write_sheets; 0 keeps none).
+    """
+    tally = Tally(keep)
     writer = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
     if writer:
         writer.writerow(ASSIGN_FIELDS)
@@ -69,9 +259,9 @@ def write_assignments(rows, out: TextIO, fmt: str = "csv") -> list[Assignment]:
         else:
             out.write(json.dumps({"path": row.path, "cluster": row.cluster, "confidence": conf,
                                   "error": row.error or None}) + "\n")
-        kept.append(row)
+        tally.add(row)
     out.flush()
-    return kept
+    return tally
 
 
 def read_assignments(path: Path) -> list[Assignment]:
@@ -105,15 +295,20 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
     save_image(images, path, nrow=nrow, normalize=True, value_range=(-1, 1), padding=1)
 
 
-def write_sheets(method, images: ImageSet, rows: list[Assignment], out_dir: Path, *,
+def write_sheets(method, images: ImageSet, rows: Iterable[Assignment], out_dir: Path, *,
                  per_row: int = 8, real_rows: int = 2, seed: int = 0) -> list[Path]:
-    """sheets/cluster-NNN.png: a row of generated samples above the cluster's most confident members."""
+    """sheets/cluster-NNN.png: a row of generated samples above the cluster's most confident members.
+
+    `rows` may be every row or only each cluster's SHEET_MEMBERS most confident, as Tally.kept gives.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     k = method.cfg.clusters
-    index = {p: i for i, p in enumerate(images.files)}
+    rows = [row for row in rows if row.cluster is not None]
+    wanted = {row.path for row in rows}
+    index = {p: i for i, p in enumerate(images.files) if p in wanted}
     members: dict[int, list[tuple[float, int]]] = {c: [] for c in range(k)}
     for row in rows:
-        if row.cluster is not None and row.path in index:
+        if row.path in index:
             members[row.cluster].append((row.confidence, index[row.path]))
     fakes = generate_images(method, list(range(k)), per_row, seed)
     size = method.cfg.image_size

@@ -3,18 +3,21 @@
     images = prepare_images(data_dir, cfg)            scan + uint8 cache + bad_images list
     training.train(cfg, run, images, device)          the loop (checkpoints, metrics, samples, model)
     finish_run(run, device, images)                   assignments.csv and sheets/ from the saved model
+
+    rows = assign_folder(method, data_dir, size)      `assign`: rows streamed; on a GPU during the cache build
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from imgcluster.config import TrainConfig
 from imgcluster.data import DEFAULT_MAX_PIXELS, ImageSet, load_image_set, scan_folder, write_bad_images
-from imgcluster.inference import assign_images, write_assignments, write_sheets
+from imgcluster.inference import (SHEET_MEMBERS, Assignment, BatchMaker, Upload, assign_batches, assign_images,
+                                  read_ahead, set_batches, write_assignments, write_sheets)
 from imgcluster.rundir import RunDir, load_model
 
 
@@ -84,9 +87,69 @@ def finish_run(run: RunDir, device: torch.device, images: ImageSet, batch_size: 
     cfg, method = load_model(run, device)
     tmp = run.assignments.with_name(run.assignments.name + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-        rows = write_assignments(assign_images(method, images, batch_size), f)
+        tally = write_assignments(assign_images(method, images, batch_size), f, keep=SHEET_MEMBERS)
     tmp.replace(run.assignments)
-    write_sheets(method, images, rows, run.sheets, seed=cfg.seed)
-    used = len({r.cluster for r in rows if r.cluster is not None})
-    return {"images": sum(r.cluster is not None for r in rows), "clusters_used": used,
-            "bad": sum(r.cluster is None for r in rows)}
+    write_sheets(method, images, tally.kept, run.sheets, seed=cfg.seed)
+    return {"images": tally.assigned, "clusters_used": len(tally.clusters), "bad": tally.bad}
+
+
+class FolderAssignments:
+    """Iterate for one Assignment per file of a folder, in order; `images` is the folder's ImageSet
+    once the iteration has ended. Made by assign_folder.
+
+    A thread feeds the model. Given no ImageSet (a cold cache, overlapped), it runs the cache build,
+    decoding in worker processes, and hands over each batch as soon as its rows are decoded, so the
+    model runs while later files are decoded; given one, it reads the next batches from the memmap
+    (and copies them to the device) during the forward. Either way the model sees the same batches,
+    so the rows are the same.
+    """
+
+    def __init__(self, method, data_dir: Path, size: int, files: list[str], *, batch_size: int,
+                 max_pixels: int | None, progress: Callable[[int, int], None] | None,
+                 images: ImageSet | None = None):
+        self.method, self.data_dir, self.size, self.files = method, data_dir, size, files
+        self.batch_size, self.max_pixels, self.progress = batch_size, max_pixels, progress
+        self.images = images
+
+    def __iter__(self) -> Iterator[Assignment]:
+        n = len(self.files)
+        for i, row in enumerate(assign_batches(self.method, self.files, read_ahead(self._feed)), 1):
+            if self.progress and (i % self.batch_size == 0 or i == n):
+                self.progress(i, n)
+            yield row
+
+    def _feed(self, put) -> None:
+        upload = Upload(self.method.device)
+        if self.images is None:
+            maker = BatchMaker(self.batch_size, put, upload)
+            self.images = load_image_set(self.data_dir, self.size, files=self.files, max_pixels=self.max_pixels,
+                                         on_rows=maker.add)
+            if maker.seen:                      # built just now: every row went through the maker
+                maker.finish()
+                return
+        for batch in set_batches(self.images, self.batch_size, upload):
+            put(batch)
+
+
+def assign_folder(method, data_dir: Path, size: int, *, batch_size: int = 256, strict: bool = False,
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS, overlap: bool | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> FolderAssignments:
+    """Assign every file of a folder, streaming (see FolderAssignments); `progress` counts rows assigned.
+
+    The folder is scanned now, so a missing or empty folder raises before the first row. `overlap`
+    (default: when the model is not on the CPU) runs the model while the cache is built. On the CPU
+    the two compete for the same cores and each alone already uses them all: building first measured
+    a little faster there (tests/bench/large_folder.py). Without overlap, and with `strict`, the cache
+    is built first, reporting to `progress` too; so with `strict` an unusable file stops everything
+    before any row is written.
+    """
+    files = scan_folder(data_dir)
+    if not files:
+        raise NoUsableImages(f"{data_dir}: no usable images (no files found; hidden files are skipped)")
+    if overlap is None:
+        overlap = method.device.type != "cpu"
+    images = None
+    if strict or not overlap:
+        images = prepare_images(data_dir, size, files=files, strict=strict, max_pixels=max_pixels, progress=progress)
+    return FolderAssignments(method, data_dir, size, files, batch_size=batch_size, max_pixels=max_pixels,
+                             progress=progress, images=images)

@@ -1,0 +1,506 @@
+"""Large folders: the incremental cache, streamed `assign` (same rows as before), bounded row retention."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import io
+import os
+import random
+import threading
+import time
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from imgcluster import data, inference, pipeline
+from imgcluster.cli import app
+from imgcluster.config import load_preset, resolve_config
+from imgcluster.data import load_image_set
+from imgcluster.inference import (SHEET_MEMBERS, Assignment, BatchMaker, Upload, assign_images,
+                                  set_batches, write_assignments, write_sheets)
+from imgcluster.methods import METHODS
+from imgcluster.rundir import RunDir, save_config, save_model
+
+CPU = torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders of real image files
+# ---------------------------------------------------------------------------------------------
+
+def write_image(path: Path, seed: int) -> Path:
+    """A small picture (gradient + noise), PNG or JPEG by the name; a different one for each seed."""
+    rng = np.random.default_rng(seed)
+    w, h = (int(v) for v in rng.integers(6, 40, 2))
+    ramp = np.linspace(0, 255, w, dtype=np.float64)[None, :, None] * rng.uniform(0.2, 1.0, 3)
+    pixels = np.clip(ramp + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, "JPEG" if path.suffix == ".jpg" else "PNG")
+    return path
+
+
+def write_bad_files(root: Path) -> list[str]:
+    """A truncated JPEG, a zero-byte file and a text file; their relative paths."""
+    jpeg = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(jpeg, "JPEG")
+    (root / "bad").mkdir(parents=True, exist_ok=True)
+    (root / "bad" / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    (root / "bad" / "empty.png").write_bytes(b"")
+    (root / "notes.txt").write_text("not a picture\n")
+    return ["bad/empty.png", "bad/truncated.jpg", "notes.txt"]
+
+
+def make_folder(root: Path, count: int, seed: int = 0) -> Path:
+    for i in range(count):
+        ext = "jpg" if i % 3 == 0 else "png"
+        write_image(root / f"d{i % 4}" / ("deep/" if i % 5 == 0 else "") / f"img-{i:04d}.{ext}", seed * 10_000 + i)
+    write_bad_files(root)
+    return root
+
+
+def same_set(a, b) -> None:
+    assert a.files == b.files
+    assert np.array_equal(a.images, b.images)
+    assert a.ok.tolist() == b.ok.tolist() and a.reasons == b.reasons
+
+
+def count_decodes(monkeypatch) -> list[str]:
+    """Record every file decoded in this process (the tests decode with workers=1)."""
+    decoded = []
+    real = data._decode_one
+
+    def counting(root, rel, size, max_pixels):
+        decoded.append(rel)
+        return real(root, rel, size, max_pixels)
+
+    monkeypatch.setattr(data, "_decode_one", counting)
+    return decoded
+
+
+def cache_files(cache: Path) -> list[str]:
+    return sorted(p.suffix for p in cache.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# The incremental cache
+# ---------------------------------------------------------------------------------------------
+
+def test_rebuild_decodes_only_new_and_changed_files_and_equals_a_fresh_build(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "data", 40)
+    cache = tmp_path / "cache"
+    decoded = count_decodes(monkeypatch)
+    first = load_image_set(root, 8, cache_dir=cache, workers=1)
+    assert len(decoded) == len(first.files) == 43
+
+    write_image(root / "d0" / "img-0000a.png", 101)          # new, sorted between existing files
+    write_image(root / "new" / "deeper" / "x.jpg", 102)      # new, in a new folder
+    write_image(root / "zz.png", 103)                         # new, last
+    changed = root / "d1" / "img-0001.png"
+    write_image(changed, 104)                                 # changed content
+    os.utime(changed, ns=(1, 1))                              # ... and surely another mtime
+    (root / "d2" / "img-0002.png").unlink()                  # deleted
+    decoded.clear()
+    progress = []
+    again = load_image_set(root, 8, cache_dir=cache, workers=1, progress=lambda d, n: progress.append(d))
+    assert sorted(decoded) == ["d0/img-0000a.png", "d1/img-0001.png", "new/deeper/x.jpg", "zz.png"]
+    assert progress[0] == 0 and progress[-1] == len(again.files) == 45 and progress == sorted(progress)
+    assert cache_files(cache) == [".json", ".npy"]              # the superseded cache is gone
+
+    fresh = load_image_set(root, 8, cache_dir=tmp_path / "fresh", workers=1)
+    same_set(again, fresh)
+    assert again.reasons[again.files.index("bad/truncated.jpg")] == "truncated file"
+
+    decoded.clear()
+    warm = load_image_set(root, 8, cache_dir=cache, workers=1)
+    assert decoded == [] and isinstance(warm.images, np.memmap)
+    same_set(warm, fresh)
+
+
+def test_rebuild_with_worker_processes_stitches_copied_and_decoded_runs(tmp_path):
+    # 600 new files interleaved with 600 old ones: decoded chunks straddle the runs of copied rows
+    root = tmp_path / "data"
+    for i in range(0, 1200, 2):
+        write_image(root / f"{i // 100}" / f"{i:04d}.png", i)
+    cache = tmp_path / "cache"
+    load_image_set(root, 6, cache_dir=cache, workers=2)
+    for i in range(1, 1200, 2):
+        write_image(root / f"{i // 100}" / f"{i:04d}.png", i)
+    (root / "5" / "0501.png").write_bytes(b"junk")
+    rows = []
+    again = load_image_set(root, 6, cache_dir=cache, workers=2, on_rows=lambda s, b, r: rows.append((s, len(r))))
+    fresh = load_image_set(root, 6, cache_dir=tmp_path / "fresh", workers=1)
+    same_set(again, fresh)
+    assert again.reasons[again.files.index("5/0501.png")] == "not an image" and again.ok.sum() == 1199
+    assert [s for s, _ in rows] == np.cumsum([0] + [k for _, k in rows])[:-1].tolist()   # in order, once each
+    assert sum(k for _, k in rows) == 1200
+
+
+def test_unreadable_files_are_tried_again_on_a_rebuild(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "data", 6)
+    cache = tmp_path / "cache"
+    real = data.load_image
+
+    def locked(path, max_pixels=data.DEFAULT_MAX_PIXELS):
+        if Path(path).name == "img-0001.png":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(path, max_pixels)
+
+    monkeypatch.setattr(data, "load_image", locked)
+    first = load_image_set(root, 8, cache_dir=cache, workers=1)
+    assert first.reasons[first.files.index("d1/img-0001.png")] == "unreadable: Permission denied"
+    monkeypatch.setattr(data, "load_image", real)              # permission fixed: mtime unchanged
+    write_image(root / "extra.png", 7)
+    decoded = count_decodes(monkeypatch)
+    again = load_image_set(root, 8, cache_dir=cache, workers=1)
+    assert sorted(decoded) == ["d1/img-0001.png", "extra.png"]
+    assert again.ok[again.files.index("d1/img-0001.png")]
+
+
+def test_a_damaged_or_vanishing_earlier_cache_costs_only_time(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "data", 8)
+    cache = tmp_path / "cache"
+    load_image_set(root, 8, cache_dir=cache, workers=1)
+    npy = next(cache.glob("*.npy"))
+    npy.write_bytes(npy.read_bytes()[:-5])                    # cut short: not used, every file decoded
+    write_image(root / "extra.png", 11)
+    decoded = count_decodes(monkeypatch)
+    damaged = load_image_set(root, 8, cache_dir=cache, workers=1)
+    assert len(decoded) == len(damaged.files)
+    same_set(damaged, load_image_set(root, 8, cache_dir=tmp_path / "fresh", workers=1))
+
+    real_rows = data._cache_rows                               # deleted by another process mid-build:
+    def delete_then_copy(*args, **kwargs):                     # the open file is still read in full
+        for path in cache.iterdir():
+            path.unlink()
+        return real_rows(*args, **kwargs)
+
+    monkeypatch.setattr(data, "_cache_rows", delete_then_copy)
+    write_image(root / "extra2.png", 12)
+    decoded.clear()
+    again = load_image_set(root, 8, cache_dir=cache, workers=1)
+    assert decoded == ["extra2.png"]
+    monkeypatch.setattr(data, "_cache_rows", real_rows)
+    same_set(again, load_image_set(root, 8, cache_dir=tmp_path / "fresh2", workers=1))
+
+
+def test_size_and_pixel_limit_keep_their_own_caches(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "data", 5)
+    cache = tmp_path / "cache"
+    load_image_set(root, 8, cache_dir=cache, workers=1)
+    load_image_set(root, 4, cache_dir=cache, workers=1)
+    load_image_set(root, 8, cache_dir=cache, workers=1, max_pixels=100)
+    assert cache_files(cache) == [".json"] * 3 + [".npy"] * 3
+    write_image(root / "extra.png", 9)
+    decoded = count_decodes(monkeypatch)
+    small = load_image_set(root, 4, cache_dir=cache, workers=1)
+    assert decoded == ["extra.png"] and small.images.shape[1:] == (4, 4, 3)
+    assert cache_files(cache) == [".json"] * 3 + [".npy"] * 3   # only the 4 px cache was replaced
+
+
+def test_crash_leftovers_are_removed_after_an_hour(tmp_path):
+    root = make_folder(tmp_path / "data", 3)
+    cache = tmp_path / "cache"
+    load_image_set(root, 8, cache_dir=cache, workers=1)
+    folder = next(cache.glob("*.json")).stem.split("-")[0]     # names start with the folder id
+    old, recent = time.time() - 7200, time.time() - 60
+    removed = [f"{folder}-{'a' * 64}.npy.tmp-123", f"{folder}-{'b' * 64}.npy"]   # temp; .npy whose JSON never came
+    kept = [f"{folder}-{'c' * 64}.json.tmp-456",                                 # recent: a build may be running
+            f"{'d' * 16}-{'e' * 64}.npy.tmp-1"]                                   # another folder's
+    for name, mtime in zip(removed + kept, [old, old, recent, old]):
+        (cache / name).write_bytes(b"x")
+        os.utime(cache / name, (mtime, mtime))
+    write_image(root / "extra.png", 5)
+    load_image_set(root, 8, cache_dir=cache, workers=1)
+    new = next(cache.glob("*.json")).stem
+    assert sorted(p.name for p in cache.iterdir()) == sorted([f"{new}.json", f"{new}.npy", *kept])
+
+
+def test_failed_cache_write_falls_back_to_memory_and_hands_each_row_over_once(tmp_path, monkeypatch, caplog):
+    root = make_folder(tmp_path / "data", 30)
+    real_write = data._atomic_write
+
+    def disk_full_after_some_rows(path, write):
+        if path.suffix != ".npy":
+            return real_write(path, write)
+
+        class Full(io.RawIOBase):
+            written = 0
+
+            def write(self, b):
+                self.written += len(b)
+                if self.written > 2000:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return len(b)
+
+        def failing(f):
+            write(Full())
+        return real_write(path, failing)
+
+    monkeypatch.setattr(data, "_atomic_write", disk_full_after_some_rows)
+    rows = []
+    s = load_image_set(root, 8, cache_dir=tmp_path / "cache", workers=1,
+                       on_rows=lambda start, block, reasons: rows.append((start, block.copy(), list(reasons))))
+    assert "keeping images in memory" in caplog.text and not isinstance(s.images, np.memmap)
+    assert [r[0] for r in rows] == list(range(len(s.files)))         # one row a block here, each once
+    assert np.array_equal(np.concatenate([r[1] for r in rows]), s.images)
+    assert [x for r in rows for x in r[2]] == s.reasons
+    monkeypatch.setattr(data, "_atomic_write", real_write)
+    same_set(s, load_image_set(root, 8, cache_dir=tmp_path / "fresh", workers=1))
+
+
+def test_workers_give_way_only_when_the_caller_uses_rows_during_the_build(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    for i in range(520):
+        write_image(root / f"{i:04d}.png", i)
+    pools = []
+    real_pool = data.ProcessPoolExecutor
+
+    def recording_pool(*args, **kwargs):
+        pools.append(kwargs.get("initargs"))
+        return real_pool(*args, **kwargs)
+
+    monkeypatch.setattr(data, "ProcessPoolExecutor", recording_pool)
+    plain = load_image_set(root, 4, cache_dir=tmp_path / "c1", workers=2)
+    shared = load_image_set(root, 4, cache_dir=tmp_path / "c2", workers=2, on_rows=lambda *a: None)
+    assert pools == [(), (data.SHARING_NICE,)]                 # os.nice(10) in each worker of the second
+    same_set(plain, shared)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches: a cache being built cuts the same batches as a finished one
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(5))
+def test_batch_maker_cuts_the_same_batches_as_a_finished_set(seed):
+    rng = random.Random(seed)
+    n = rng.randrange(1, 120)
+    reasons = [rng.choice(["", "", "", "not an image"]) for _ in range(n)]
+    pixels = np.random.default_rng(seed).integers(0, 256, (n, 2, 2, 3), dtype=np.uint8)
+    pixels[[i for i, r in enumerate(reasons) if r]] = 0
+    images = data.ImageSet(Path("."), [f"{i}" for i in range(n)], 2, pixels,
+                           np.array([not r for r in reasons]), reasons)
+    batch_size = rng.choice([1, 3, 8, 256])
+    got = []
+    maker = BatchMaker(batch_size, got.append, Upload(CPU))
+    start = 0
+    while start < n:                                          # blocks of random lengths, as a build hands them over
+        stop = min(n, start + rng.randrange(1, 20))
+        maker.add(start, pixels[start:stop], reasons[start:stop])
+        start = stop
+    maker.finish()
+    want = list(set_batches(images, batch_size, Upload(CPU)))
+    sizes = [len(b.pixels) for b in want if b.pixels is not None]
+    assert all(k == batch_size for k in sizes[:-1])          # full batches, then the rest
+    for batches in (got, want):                               # every file once, in order
+        assert [(i, r) for b in batches for i, r in enumerate(b.reasons, b.start)] == list(enumerate(reasons))
+    good_got = [b.pixels for b in got if b.pixels is not None]
+    good_want = [b.pixels for b in want if b.pixels is not None]
+    assert [len(p) for p in good_got] == [len(p) for p in good_want]
+    assert all(torch.equal(a, b) for a, b in zip(good_got, good_want))
+
+
+# ---------------------------------------------------------------------------------------------
+# Assign: the same rows as before, streamed
+# ---------------------------------------------------------------------------------------------
+
+def tiny_method(clusters: int = 5):
+    torch.manual_seed(0)
+    cfg = resolve_config((load_preset("cpu-tiny"), "preset cpu-tiny"), ({"clusters": clusters}, "test"))
+    return cfg, METHODS[cfg.method](cfg, CPU)
+
+
+def assign_as_before(method, images, batch_size) -> list[Assignment]:
+    """The rows `assign` gave before streaming: batches of consecutive good rows of the finished set."""
+    good = images.good_indices
+    scores = {}
+    for start in range(0, len(good), batch_size):
+        rows = good[start:start + batch_size]
+        cluster, conf = method.assign(torch.from_numpy(np.ascontiguousarray(images.images[rows])))
+        scores.update(zip(rows.tolist(), zip(cluster.tolist(), conf.tolist())))
+    return [Assignment(f, *scores[i]) if ok else Assignment(f, None, None, r)
+            for i, (f, ok, r) in enumerate(zip(images.files, images.ok, images.reasons))]
+
+
+def csv_text(rows) -> str:
+    out = io.StringIO()
+    write_assignments(rows, out)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def big_folder(tmp_path_factory) -> Path:
+    """600 real image files and 3 bad ones: enough for worker processes (>= 512 files)."""
+    return make_folder(tmp_path_factory.mktemp("big") / "photos", 600)
+
+
+def test_streamed_assign_gives_the_rows_of_before_cold_and_warm(big_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGCLUSTER_CACHE", str(tmp_path / "cache"))
+    cfg, method = tiny_method()
+    size = pipeline.cache_size(cfg)
+    reference = assign_as_before(method, load_image_set(big_folder, size, cache_dir=tmp_path / "ref"), 64)
+    assert len(reference) == 603 and sum(r.cluster is None for r in reference) == 3
+
+    built = threading.Event()
+    real_load = pipeline.load_image_set
+
+    def load_then_flag(*args, **kwargs):
+        images = real_load(*args, **kwargs)
+        built.set()
+        return images
+
+    monkeypatch.setattr(pipeline, "load_image_set", load_then_flag)
+    progress = []
+    cold = pipeline.assign_folder(method, big_folder, size, batch_size=64, overlap=True,
+                                  progress=lambda d, n: progress.append(d))
+    assert cold.images is None                                 # nothing decoded before the rows are asked for
+    rows = iter(cold)
+    first = next(rows)
+    assert not built.is_set()                                  # the model ran while workers decoded the rest
+    assert [first, *rows] == reference
+    assert isinstance(cold.images.images, np.memmap) and progress[-1] == 603 and progress == sorted(progress)
+    warm = pipeline.assign_folder(method, big_folder, size, batch_size=64, overlap=True)
+    assert list(warm) == reference
+    monkeypatch.setenv("IMGCLUSTER_CACHE", str(tmp_path / "cache-cpu"))
+    first_built = pipeline.assign_folder(method, big_folder, size, batch_size=64)   # on the CPU: no overlap
+    assert first_built.images is not None and list(first_built) == reference
+    assert list(assign_images(method, warm.images, 64)) == reference
+    assert csv_text(iter(reference)) == csv_text(warm)
+    for bad in ("bad/empty.png", "bad/truncated.jpg", "notes.txt"):
+        row = next(r for r in reference if r.path == bad)
+        assert row.cluster is None and row.error in ("zero-byte file", "truncated file", "not an image")
+
+
+def test_strict_assign_stops_before_the_first_row(big_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGCLUSTER_CACHE", str(tmp_path / "cache"))
+    cfg, method = tiny_method()
+    with pytest.raises(pipeline.NoUsableImages, match="--strict"):
+        pipeline.assign_folder(method, big_folder, pipeline.cache_size(cfg), strict=True)
+
+
+def test_stopping_early_ends_the_build_and_leaves_no_temp_file(big_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGCLUSTER_CACHE", str(tmp_path / "cache"))
+    cfg, method = tiny_method()
+    threads = threading.active_count()
+    rows = iter(pipeline.assign_folder(method, big_folder, pipeline.cache_size(cfg), batch_size=16, overlap=True))
+    assert next(rows).path and next(rows).path
+    rows.close()                                               # e.g. the output pipe closed
+    assert threading.active_count() == threads
+    assert not list((tmp_path / "cache").glob("*"))            # no cache trusted, no temp file left
+
+
+def test_an_error_in_the_reading_thread_comes_out(tmp_path, monkeypatch):
+    def broken(produce_put):
+        produce_put(1)
+        raise ValueError("decoder exploded")
+
+    got = []
+    with pytest.raises(ValueError, match="decoder exploded"):
+        for item in inference.read_ahead(broken):
+            got.append(item)
+    assert got == [1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounded memory: only what the sheets need is kept
+# ---------------------------------------------------------------------------------------------
+
+class Census:
+    """How many tracked objects are alive, and the most at once."""
+
+    def __init__(self):
+        self.alive = self.peak = 0
+
+    def track(self, obj):
+        self.alive += 1
+        self.peak = max(self.peak, self.alive)
+        weakref.finalize(obj, self._gone)
+        return obj
+
+    def _gone(self):
+        self.alive -= 1
+
+
+def synthetic_rows(count: int, clusters: int, census: Census):
+    """Rows with random clusters and confidences (ties included), each tracked by the census."""
+    rng = random.Random(0)
+    for i in range(count):
+        row = Assignment(f"img-{i:05d}.png", rng.randrange(clusters), rng.choice([0.5, 0.75, 1.0, rng.random()]))
+        if i % 97 == 0:
+            row = Assignment(row.path, None, None, "not an image")
+        yield census.track(row)
+
+
+@pytest.mark.parametrize("keep", [0, SHEET_MEMBERS])
+def test_write_assignments_keeps_only_the_sheet_members(keep):
+    census = Census()
+    out = io.StringIO()
+    tally = write_assignments(synthetic_rows(20_000, 10, census), out, keep=keep)
+    assert out.getvalue().count("\n") == 20_001
+    assert tally.rows == 20_000 and tally.bad == len(range(0, 20_000, 97)) and len(tally.clusters) == 10
+    assert census.peak <= 10 * keep + 2                        # no list of every row
+    # the kept rows are the ones the sheets picked from every row (ties: the earlier row first)
+    every = list(synthetic_rows(20_000, 10, Census()))
+    for c in range(10):
+        best = sorted([r for r in every if r.cluster == c], key=lambda r: -r.confidence)[:keep]
+        kept = sorted([r for r in tally.kept if r.cluster == c], key=lambda r: -r.confidence)
+        assert kept == best
+    assert [r.path for r in tally.kept] == sorted(r.path for r in tally.kept)   # in file order
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_assign_without_sheets_holds_a_bounded_number_of_rows(big_folder, tmp_path, monkeypatch, overlap):
+    monkeypatch.setenv("IMGCLUSTER_CACHE", str(tmp_path / "cache"))
+    cfg, method = tiny_method()
+    census = Census()
+    rows = pipeline.assign_folder(method, big_folder, pipeline.cache_size(cfg), batch_size=64, overlap=overlap)
+    tally = write_assignments((census.track(row) for row in rows), io.StringIO())
+    assert tally.rows == 603 and tally.kept == [] and census.peak <= 2
+
+
+def test_sheets_from_the_kept_rows_equal_sheets_from_every_row(big_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGCLUSTER_CACHE", str(tmp_path / "cache"))
+    cfg, method = tiny_method(clusters=3)
+    images = load_image_set(big_folder, pipeline.cache_size(cfg))
+    every = list(assign_images(method, images, 64))
+    tally = write_assignments(iter(every), io.StringIO(), keep=SHEET_MEMBERS)
+    sizes = [sum(r.cluster == c for r in every) for c in range(3)]
+    assert max(sizes) > SHEET_MEMBERS                          # a cluster where the choice matters
+    assert len(tally.kept) == sum(min(k, SHEET_MEMBERS) for k in sizes)
+    a = write_sheets(method, images, every, tmp_path / "all")
+    b = write_sheets(method, images, tally.kept, tmp_path / "kept")
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+
+def test_assign_command_streams_every_file_and_draws_sheets(big_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGCLUSTER_CACHE", str(tmp_path / "cache"))
+    cfg, method = tiny_method()
+    cfg = resolve_config((cfg.to_dict(), "test"), ({"data_dir": str(big_folder)}, "test"))
+    run = RunDir(tmp_path / "run")
+    run.make()
+    save_config(run, cfg)
+    save_model(run, method, cfg, 0)
+    reference = assign_as_before(method, load_image_set(big_folder, pipeline.cache_size(cfg),
+                                                        cache_dir=tmp_path / "ref"), 256)
+    for _ in ("cold", "warm"):
+        result = CliRunner().invoke(app, ["assign", str(run.root), "--sheets", str(tmp_path / "sheets"),
+                                          "--quiet"], catch_exceptions=False)
+        assert result.exit_code == 0, result.stderr
+        assert result.stdout == csv_text(iter(reference))
+        assert "assigned 600 images, 3 unusable files" in result.stderr
+    assert len(list((tmp_path / "sheets").glob("cluster-*.png"))) == cfg.clusters
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert len(rows) == 603 and [r["path"] for r in rows] == sorted(r["path"] for r in rows)
+
+    out = tmp_path / "strict.csv"                              # --strict: stops before writing anything
+    result = CliRunner().invoke(app, ["assign", str(run.root), "--strict", "-o", str(out), "--quiet"])
+    assert result.exit_code == 3 and "--strict" in result.stderr and not out.exists()

@@ -15,31 +15,12 @@ import argparse
 import json
 import subprocess
 import sys
-import tarfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+from shared_sets import unpack_per_class
+
 CURVE_KEYS = ("d_loss", "g_loss", "d_adv", "g_adv")
-
-
-def unpack(name: str, per_class: int, dest: Path) -> Path:
-    """The first `per_class` test_* files (by name) of each class of ../shared/data/NAME.tar.gz, once."""
-    images = dest / f"{name}-{per_class}" / name / "images"
-    done = dest / f".{name}-{per_class}.done"
-    if done.exists():
-        return images
-    with tarfile.open(SHARED / f"{name}.tar.gz") as tar:
-        by_class = defaultdict(list)
-        for m in tar.getmembers():
-            if m.isfile() and "/images/" in m.name and Path(m.name).name.startswith("test_"):
-                by_class[Path(m.name).parent.name].append(m)
-        chosen = [m for c in sorted(by_class) for m in sorted(by_class[c], key=lambda m: m.name)[:per_class]]
-        chosen.sort(key=lambda m: m.offset)
-        tar.extractall(dest / f"{name}-{per_class}", members=chosen, filter="data")
-    done.touch()
-    return images
 
 
 def train_and_score(folder: Path, run_dir: Path, precision: str, args) -> dict:
@@ -68,7 +49,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "imgcluster-bench")
     args = ap.parse_args()
 
-    folder = unpack(args.dataset, args.per_class, args.work)
+    folder = unpack_per_class(args.dataset, args.per_class, args.work)
     results = {p: train_and_score(folder, args.work / "runs" / f"precision-{args.dataset}-{p}", p, args)
                for p in ("fp32", "bf16")}
 

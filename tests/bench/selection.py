@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import tarfile
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -37,26 +35,10 @@ from imgcluster.data import load_image_set, scan_folder
 from imgcluster.methods import METHODS
 from imgcluster.methods.common import recalibrate_batchnorm
 from imgcluster.training import Batches, step_indices
+from shared_sets import unpack_per_class
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 SIGNALS = ("consistency", "balance", "confidence", "stability", "consistency_x_balance",
            "confidence_x_balance")
-
-
-def unpack(name: str, per_class: int, dest: Path) -> Path:
-    images = dest / f"{name}-{per_class}" / name / "images"
-    done = dest / f".{name}-{per_class}.done"
-    if not done.exists():
-        with tarfile.open(SHARED / f"{name}.tar.gz") as tar:
-            by_class = defaultdict(list)
-            for m in tar.getmembers():
-                if m.isfile() and "/images/" in m.name and Path(m.name).name.startswith("test_"):
-                    by_class[Path(m.name).parent.name].append(m)
-            chosen = [m for c in sorted(by_class) for m in sorted(by_class[c], key=lambda m: m.name)[:per_class]]
-            chosen.sort(key=lambda m: m.offset)
-            tar.extractall(dest / f"{name}-{per_class}", members=chosen, filter="data")
-        done.touch()
-    return images
 
 
 def clustering_net(method):
@@ -106,7 +88,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "imgcluster-bench")
     args = ap.parse_args()
 
-    folder = unpack(args.dataset, args.per_class, args.work)
+    folder = unpack_per_class(args.dataset, args.per_class, args.work)
     files = scan_folder(folder)
     labels = [Path(f).parent.name for f in files]
     k = len(set(labels))

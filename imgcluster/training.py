@@ -225,7 +225,7 @@ def sample_grid(method, cfg: TrainConfig, path: Path, per_cluster: int = 8) -> N
 
 def train(cfg: TrainConfig, run: RunDir, images: ImageSet, device: torch.device, *,
           resume: bool = True, progress_fn: Callable[[dict], None] | None = None,
-          stop_fn: Callable[[], int | None] | None = None) -> int:
+          stop_fn: Callable[[], int | None] | None = None) -> dict:
     """Train `cfg.method` on the usable images to `cfg.steps`, writing the run directory.
 
     Returns what model.safetensors holds ({"step", "cluster_balance", "last_step", "last_balance"}; see

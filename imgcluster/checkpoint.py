@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -63,13 +65,14 @@ def unflatten(tree, tensors: dict):
 # Atomic files
 # ---------------------------------------------------------------------------------------------
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to path.tmp, fsync, rename over path, fsync the folder. On error the old file stays."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], object], tmp_suffix: str = ".tmp") -> None:
+    """write(f) into path + tmp_suffix, fsync, rename over path, fsync the folder. On error (a full disk,
+    Ctrl-C) the temporary file is removed and the old file stays."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + tmp_suffix)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -81,6 +84,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:

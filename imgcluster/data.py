@@ -461,17 +461,10 @@ def _remove_leftovers(cache_dir: Path, folder: str, max_age_s: float = 3600.0) -
 
 
 def _atomic_write(path: Path, write: Callable) -> None:
-    """write(f) into '<path>.tmp-<pid>', flush + fsync, then rename over `path`."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """write(f) into '<path>.tmp-<pid>' (several processes may build one cache), fsync, rename over `path`."""
+    from imgcluster.checkpoint import atomic_write    # here: decoding workers import this module, not torch
+
+    atomic_write(path, write, tmp_suffix=f".tmp-{os.getpid()}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,20 +102,20 @@ class StopFlag:
 # train
 # ---------------------------------------------------------------------------------------------
 
-def auto_preset(data_dir: Path, method: str, image_size: int | None) -> str:
+def auto_preset(data_dir: Path, method: str, image_size: int | None, device_type: str) -> str:
     """The preset for a new run without --preset, announced on stderr."""
     from imgcluster.config import pick_preset
     from imgcluster.data import scan_folder, typical_side
 
     files = scan_folder(data_dir)
     side = typical_side(data_dir, files)
-    name, why = pick_preset(method, image_size, side)
+    name, why = pick_preset(method, image_size, side, device_type)
     console.info(f"no --preset given: using {name} ({len(files)} files, {why}); pass --preset to choose")
     return name
 
 
 def build_config(data_dir: Path, run_root: Path | None, flags: dict, preset: str | None, sets: list[str],
-                 restart: bool):
+                 restart: bool, device_type: str = "cuda"):
     """(cfg, run, resuming): a new config from defaults < preset < flags, or the saved one of a run."""
     from imgcluster.rundir import RunDir, load_config
 
@@ -137,7 +137,7 @@ def build_config(data_dir: Path, run_root: Path | None, flags: dict, preset: str
             return cfg, run, True
     if preset is None:
         method = str(overrides.get("method") or explicit.get("method") or "c3gan")
-        preset = auto_preset(data_dir, method, explicit.get("image_size"))
+        preset = auto_preset(data_dir, method, explicit.get("image_size"), device_type)
     layers = [(load_preset(preset), f"preset {preset}")] if preset else []
     for values, source in layers:
         if "method" in explicit and values.get("method", explicit["method"]) != explicit["method"]:
@@ -148,7 +148,7 @@ def build_config(data_dir: Path, run_root: Path | None, flags: dict, preset: str
         run_root = Path("runs") / f"{data_dir.resolve().name}-{cfg.method}-k{cfg.clusters}"
         run = RunDir(run_root)
         if run.checkpoint.exists() and not restart:
-            return build_config(data_dir, run_root, flags, preset, sets, restart)
+            return build_config(data_dir, run_root, flags, preset, sets, restart, device_type)
     return cfg, RunDir(run_root), False
 
 
@@ -256,7 +256,7 @@ def train(
     with errors_as_exit_codes():
         flags = {"clusters": clusters, "method": method, "image_size": image_size, "steps": steps,
                  "batch_size": batch_size, "seed": seed, "precision": precision, "compile": compile_}
-        cfg, run, resuming = build_config(data_dir, out, flags, preset, set_ or [], restart)
+        cfg, run, resuming = build_config(data_dir, out, flags, preset, set_ or [], restart, dev.type)
         if dry_run:
             from imgcluster.config import dump_config
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from imgcluster.cli import app
+from imgcluster.config import pick_preset
 
 runner = CliRunner()
 
@@ -185,19 +186,34 @@ def test_method_flag_conflicting_with_the_preset_is_refused(mnist_200, tmp_path)
 
 
 def test_without_preset_one_is_picked_from_the_folder(mnist_200, tmp_path):
-    """28 px MNIST digits -> the 32 px preset; large images -> 128; --image-size and --method steer it."""
-    result = run("train", mnist_200, "--clusters", 5, "--out", tmp_path / "r", "--dry-run")
+    """28 px MNIST digits -> the 32 px CPU preset on a CPU; large images -> 128; --image-size and --method steer it."""
+    result = run("train", mnist_200, "--clusters", 5, "--out", tmp_path / "r", "--dry-run", "--device", "cpu")
     assert result.exit_code == 0
-    assert "using c3gan-32" in result.stderr and "typical image 28 px" in result.stderr
+    assert "using c3gan-32-cpu" in result.stderr and "typical image 28 px, on a CPU" in result.stderr
     assert yaml.safe_load(result.stdout)["image_size"] == 32
+    result = run("train", mnist_200, "--clusters", 5, "--method", "slcgan", "--out", tmp_path / "r", "--dry-run",
+                 "--device", "cpu")
+    assert "using slcgan-32-cpu" in result.stderr and yaml.safe_load(result.stdout)["slcgan"]["c_width"] == 16
     big = tmp_path / "big"
     big.mkdir()
     for i in range(3):
         Image.new("RGB", (400, 300), (i * 60, 90, 30)).save(big / f"{i}.jpg")
-    result = run("train", big, "--clusters", 2, "--method", "slcgan", "--out", tmp_path / "b", "--dry-run")
-    assert "using slcgan-128" in result.stderr and yaml.safe_load(result.stdout)["image_size"] == 128
+    result = run("train", big, "--clusters", 2, "--method", "slcgan", "--out", tmp_path / "b", "--dry-run",
+                 "--device", "cpu")
+    assert "using slcgan-128 (3 files, typical image 300 px; a GPU preset: slow on a CPU)" in result.stderr
+    assert yaml.safe_load(result.stdout)["image_size"] == 128
     result = run("train", big, "--clusters", 2, "--image-size", 64, "--out", tmp_path / "b", "--dry-run")
     assert "using c3gan-64" in result.stderr
+
+
+def test_preset_pick_by_device():
+    """The GPU presets on a GPU; on a CPU the -cpu variant where one exists, else the GPU preset, said so."""
+    assert pick_preset("c3gan", None, 28, "cuda") == ("c3gan-32", "typical image 28 px")
+    assert pick_preset("slcgan", None, 28, "cpu") == ("slcgan-32-cpu", "typical image 28 px, on a CPU")
+    assert pick_preset("c3gan", 32, 500, "cpu")[0] == "c3gan-32-cpu"
+    name, why = pick_preset("c3gan", None, 200, "cpu")
+    assert name == "c3gan-128" and "a GPU preset" in why
+    assert pick_preset("c3gan", None, None, "cuda") == ("c3gan-32", "no readable image to size it by")
 
 
 def test_dry_run_prints_config_and_trains_nothing(mnist_200, tmp_path):

@@ -70,6 +70,23 @@ def test_networks_shapes_at_every_size(size):
     assert isinstance(c.maxpool, torch.nn.Identity) == small
 
 
+@pytest.mark.parametrize("size", [32, 64])
+def test_narrow_clusterer_scales_every_resnet18_width(size):
+    """c_width=16: ResNet18's layout (2 BasicBlocks per stage, strides 1, 2, 2, 2) at 16-32-64-128 channels."""
+    full = build_clusterer(SlcGANConfig(image_size=size, clusters=7))
+    narrow = build_clusterer(SlcGANConfig(image_size=size, clusters=7, c_width=16))
+    assert [n for n, _ in narrow.named_children()] == [n for n, _ in full.named_children()]
+    for i, width in enumerate((16, 32, 64, 128)):
+        stage = getattr(narrow, f"layer{i + 1}")
+        assert len(stage) == 2 and stage[1].conv2.out_channels == width
+        assert stage[0].conv1.stride == ((1, 1) if i == 0 else (2, 2))
+    assert narrow.conv1.out_channels == 16 and narrow.fc.in_features == 128
+    assert narrow.conv1.kernel_size == full.conv1.kernel_size
+    assert narrow(torch.randn(2, 3, size, size)).shape == (2, 7)
+    params = lambda net: sum(p.numel() for p in net.parameters())
+    assert 12 < params(full) / params(narrow) < 20                  # widths / 4: about 16x fewer weights
+
+
 def test_spectral_norm_in_g_and_d_not_c():
     cfg = SlcGANConfig(image_size=16, clusters=5, z_dim=8, ch=2, embed_dim=8)
     has_sn = lambda m: hasattr(m, "parametrizations") and "weight" in m.parametrizations
@@ -298,7 +315,20 @@ def test_presets_resolve(name):
         assert cfg.image_size == int(name.split("-")[1]) and cfg.method_settings.ch == 128
 
 
+def test_cpu_preset_is_narrow_and_builds():
+    """slcgan-32-cpu: 32-channel G and D, C scaled to 16-128 channels, one D step; one step runs."""
+    cfg = resolve_config((load_preset("slcgan-32-cpu"), "slcgan-32-cpu"), ({"clusters": 10, "batch_size": 4}, "test"))
+    s = cfg.method_settings
+    assert (cfg.image_size, s.ch, s.c_width, s.d_steps) == (32, 8, 16, 1)
+    method = METHODS["slcgan"](cfg, CPU)
+    assert method.C.layer4[1].conv2.out_channels == 128 and method.real_batches_per_step == 1
+    out = method.train_step(torch.randint(0, 256, (4, 36, 36, 3), dtype=torch.uint8))
+    assert all(torch.isfinite(v) for v in out.values())
+
+
 def test_bad_settings_name_the_key():
+    with pytest.raises(ConfigError, match="slcgan.c_width"):
+        tiny_config(c_width=0)
     with pytest.raises(ConfigError, match="slcgan.d_steps"):
         tiny_config(d_steps=0)
     with pytest.raises(ConfigError, match="slcgan.crop_scale"):

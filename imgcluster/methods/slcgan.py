@@ -29,6 +29,7 @@ class SlcGANSettings:
     ch: int = 128                    # channel multiplier of G and D (paper: 128)
     z_dim: int = 128
     embed_dim: int = 128             # dense label embedding of G's conditional BatchNorm
+    c_width: int = 64                # C's ResNet18 first-stage width (paper: 64, i.e. 64-128-256-512)
     lr: float = 1e-4                 # Adam, the same for G, D and C (paper)
     betas: tuple[float, float] = (0.0, 0.999)   # the paper names none; BigGAN's (and the SN-GAN hinge setups')
     d_steps: int = 2                 # D updates per G update (paper: 2); each takes its own real batch
@@ -44,7 +45,7 @@ class SlcGANSettings:
     recalibrate_bn: bool = True      # re-estimate C's BatchNorm statistics on real images before inference
 
     def validate(self):
-        for key in ("ch", "z_dim", "embed_dim", "d_steps"):
+        for key in ("ch", "z_dim", "embed_dim", "c_width", "d_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"slcgan.{key}: must be at least 1, got {getattr(self, key)}")
         if self.lr <= 0:
@@ -75,7 +76,7 @@ class SlcGAN:
         self.cfg, self.s, self.device = cfg, s, device
         self.real_batches_per_step = s.d_steps
         self.net_cfg = SlcGANConfig(image_size=cfg.image_size, clusters=cfg.clusters, z_dim=s.z_dim,
-                                    ch=s.ch, embed_dim=s.embed_dim)
+                                    ch=s.ch, embed_dim=s.embed_dim, c_width=s.c_width)
         self.G = Generator(self.net_cfg).to(device)
         self.D = Discriminator(self.net_cfg).to(device)
         self.C = build_clusterer(self.net_cfg).to(device)

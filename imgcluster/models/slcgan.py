@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 from torchvision.models import resnet18
+from torchvision.models.resnet import BasicBlock, ResNet, conv1x1
 
 
 @dataclass
@@ -29,12 +30,15 @@ class SlcGANConfig:
     z_dim: int = 128
     ch: int = 128            # channel multiplier of G and D (paper: 128)
     embed_dim: int = 128     # the dense label embedding e = y @ W (drives G's conditional BatchNorm)
+    c_width: int = 64        # C's first-stage width; ResNet18's stages are 1, 2, 4, 8 times it (paper: 64)
 
     def __post_init__(self):
         if self.image_size not in ARCH:
             raise ValueError(f"image_size must be 16, 32, 64 or 128, got {self.image_size}")
         if self.clusters < 2:
             raise ValueError(f"clusters must be at least 2, got {self.clusters}")
+        if self.c_width < 1:
+            raise ValueError(f"c_width must be at least 1, got {self.c_width}")
 
 
 # BigGAN-PyTorch's widths, as multiples of ch. G: channels from the 4x4 map to the image, one x2
@@ -190,11 +194,38 @@ def build_clusterer(cfg: SlcGANConfig) -> nn.Module:
     """C(x) -> K logits: torchvision's ResNet18 (random init, no weights downloaded).
 
     At 32 px and below the ImageNet stem (7x7 stride 2 + maxpool) would leave too little of the image,
-    so it becomes the CIFAR stem: a 3x3 stride-1 conv and no maxpool.
+    so it becomes the CIFAR stem: a 3x3 stride-1 conv and no maxpool. With c_width other than 64 the
+    same ResNet18 is built with every width scaled (c_width, 2, 4, 8 times it): a narrow C for CPUs.
     """
-    net = resnet18(weights=None, num_classes=cfg.clusters)
+    net = resnet18(weights=None, num_classes=cfg.clusters) if cfg.c_width == 64 else _scaled_resnet18(cfg)
     if cfg.image_size <= 32:
-        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.conv1 = nn.Conv2d(3, cfg.c_width, 3, 1, 1, bias=False)
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")   # as torchvision does
         net.maxpool = nn.Identity()
+    return net
+
+
+def _scaled_resnet18(cfg: SlcGANConfig) -> nn.Module:
+    """torchvision's ResNet18 with stage widths w, 2w, 4w, 8w (w = c_width) instead of 64..512.
+
+    torchvision builds the layers with fixed widths; this replaces its stem, stages and head with the
+    scaled ones (torchvision's BasicBlock, the same module names), then re-runs its initialisation.
+    """
+    w = cfg.c_width
+    net = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=cfg.clusters)          # placeholder stages, replaced
+    net.conv1 = nn.Conv2d(3, w, 7, 2, 3, bias=False)
+    net.bn1 = nn.BatchNorm2d(w)
+    cin = w
+    for i, width in enumerate((w, 2 * w, 4 * w, 8 * w)):
+        stride = 1 if i == 0 else 2
+        down = None if stride == 1 and cin == width else nn.Sequential(conv1x1(cin, width, stride), nn.BatchNorm2d(width))
+        setattr(net, f"layer{i + 1}", nn.Sequential(BasicBlock(cin, width, stride, down), BasicBlock(width, width)))
+        cin = width
+    net.fc = nn.Linear(8 * w, cfg.clusters)
+    for m in net.modules():                                                   # torchvision's init
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
     return net

@@ -124,7 +124,7 @@ def main() -> None:
     args = ap.parse_args()
 
     folder = args.folder or unpack(args.dataset, args.prefix, args.work)
-    name = args.dataset or folder.name
+    name = args.dataset or (folder.parent.name if folder.name == "images" else folder.name)   # NAME/images
     files = scan_folder(folder)
     classes = len(set(folder_labels(files)))
     args.clusters = args.clusters or classes

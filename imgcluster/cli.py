@@ -104,13 +104,15 @@ class StopFlag:
 
 def auto_preset(data_dir: Path, method: str, image_size: int | None, device_type: str) -> str:
     """The preset for a new run without --preset, announced on stderr."""
+    from imgcluster import distributed
     from imgcluster.config import pick_preset
     from imgcluster.data import scan_folder, typical_side
 
     files = scan_folder(data_dir)
     side = typical_side(data_dir, files)
     name, why = pick_preset(method, image_size, side, device_type)
-    console.info(f"no --preset given: using {name} ({len(files)} files, {why}); pass --preset to choose")
+    if distributed.launch_rank() == 0:                 # under torchrun every rank picks; one says so
+        console.info(f"no --preset given: using {name} ({len(files)} files, {why}); pass --preset to choose")
     return name
 
 
@@ -259,6 +261,9 @@ def train(
         cfg, run, resuming = build_config(data_dir, out, flags, preset, set_ or [], restart, dev.type)
         if dry_run:
             from imgcluster.config import dump_config
+
+            if distributed.launch_rank() != 0:         # under torchrun rank 0 alone prints
+                return
 
             files = scan_folder(data_dir)
             sys.stdout.write(dump_config(cfg))

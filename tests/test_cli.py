@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from imgcluster import precision
 from imgcluster.cli import app
 from imgcluster.config import pick_preset
 
@@ -236,6 +237,22 @@ def test_dry_run_under_torchrun_prints_on_rank_0_only(mnist_200, tmp_path, monke
     monkeypatch.setenv("RANK", "0")
     result = run("train", mnist_200, "--clusters", 3, "--out", tmp_path / "r", "--dry-run", "--device", "cpu")
     assert yaml.safe_load(result.stdout)["clusters"] == 3 and "using c3gan-32-cpu" in result.stderr
+
+
+@pytest.mark.parametrize("has_bf16, flags, hinted", [
+    (True, [], True),
+    (True, ["--precision", "fp32"], False),
+    (True, ["--quiet"], False),
+    (False, [], False),
+])
+def test_cpu_with_bf16_units_gets_a_precision_hint(has_bf16, flags, hinted, mnist_200, tmp_path, monkeypatch):
+    """`auto` stays fp32 on a CPU; where the CPU has bf16 units, train says --precision bf16 is faster."""
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: has_bf16)
+    result = run("train", mnist_200, "--clusters", 3, "--preset", "cpu-tiny", "--out", tmp_path / "r", "--dry-run",
+                 "--device", "cpu", *flags)
+    assert result.exit_code == 0, result.stderr
+    assert ("--precision bf16 trains about 2x faster" in result.stderr) == hinted
+    assert yaml.safe_load(result.stdout)["precision"] == ("fp32" if flags[:1] == ["--precision"] else "auto")
 
 
 @pytest.mark.parametrize("args, code, words", [

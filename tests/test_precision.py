@@ -8,7 +8,7 @@ import torch
 from imgcluster import losses
 from imgcluster.config import ConfigError, load_preset, resolve_config
 from imgcluster.methods import METHODS
-from imgcluster.precision import autocast, fp32, resolve_memory_format, resolve_precision
+from imgcluster.precision import autocast, cpu_has_bf16, fp32, resolve_memory_format, resolve_precision
 
 CPU = torch.device("cpu")
 PRESETS = {"c3gan": "cpu-tiny", "slcgan": "slcgan-tiny"}
@@ -35,6 +35,17 @@ def test_precision_resolution():
         config("c3gan", precision="fp16")
     with pytest.raises(ConfigError, match="memory_format"):
         config("c3gan", memory_format="nhwc")
+
+
+@pytest.mark.parametrize("capabilities, expected", [
+    ({"avx512_bf16": True, "amx_bf16": False}, True),
+    ({"avx512_bf16": False, "amx_bf16": True}, True),
+    ({"avx512_bf16": False, "amx_bf16": False, "avx512_f": True}, False),
+    ({}, False),                                                    # other architectures name neither
+])
+def test_cpu_bf16_units_are_read_from_torch(capabilities, expected, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    assert cpu_has_bf16() is expected
 
 
 def test_loss_terms_run_in_fp32_inside_autocast():

@@ -7,6 +7,10 @@ Run by hand, not by pytest. Examples:
     python tests/bench/quality.py --folder ~/data/labelled --size 32 --preset c3gan-32   # class = sub-folder
 
 Writes a JSON file and a Markdown table (mean and spread over seeds) to --out (default tests/bench/quality/).
+Seeds run side by side as separate processes (each with its own --out) are merged into one row with
+
+    python tests/bench/quality.py --combine /tmp/s0/mnist-X.json /tmp/s1/mnist-X.json --out tests/bench/quality
+
 The baseline is the one a user reaches in five lines of scikit-learn: k-means with k = number of classes on
 50 PCA components of the raw pixels, centre-cropped and resized to --size (the same cached pixels imgcluster
 trains on).
@@ -110,6 +114,8 @@ def main() -> None:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--set", dest="dataset", help="a ../shared/data archive name: mnist, fashion_mnist, cifar10, cub100")
     src.add_argument("--folder", type=Path, help="any folder with one sub-folder per class")
+    src.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
+                     help="merge the JSON files of one row run in pieces (e.g. one seed per process) into one")
     ap.add_argument("--prefix", default="", help="only files whose name starts with this (e.g. test_)")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--clusters", type=int, help="K [default: the number of classes]")
@@ -121,7 +127,11 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "imgcluster-bench")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "quality")
+    ap.add_argument("--tag", default="", help="names this variant in run folders and output files (e.g. wmi3)")
     args = ap.parse_args()
+    if args.combine:
+        combine(args.combine, args.out)
+        return
 
     folder = args.folder or unpack(args.dataset, args.prefix, args.work)
     name = args.dataset or (folder.parent.name if folder.name == "images" else folder.name)   # NAME/images
@@ -130,31 +140,58 @@ def main() -> None:
     args.clusters = args.clusters or classes
     print(f"{name}: {len(files)} files, {classes} classes, K = {args.clusters}", file=sys.stderr)
 
+    tag = f"-{args.tag}" if args.tag else ""
     baseline = [kmeans_baseline(folder, args.size, seed) for seed in args.seeds]
     print(f"k-means on PCA pixels: {summarise(baseline)}", file=sys.stderr, flush=True)
     runs = []
     for seed in args.seeds:
-        run_dir = args.work / "runs" / f"{name}-{args.preset}-{args.size}-s{seed}"
+        run_dir = args.work / "runs" / f"{name}-{args.preset}{tag}-{args.size}-s{seed}"
         runs.append(imgcluster_run(folder, run_dir, args, seed))
         print(f"seed {seed}: {json.dumps({k: runs[-1][k] for k in ('acc', 'nmi', 'ari', 'clusters_used', 'wall_s')})}",
               file=sys.stderr, flush=True)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    label = f"{name}-{args.preset}-{args.size}px-k{args.clusters}"
+    label = f"{name}-{args.preset}{tag}-{args.size}px-k{args.clusters}"
     record = {"set": name, "images": len(files), "classes": classes, "size": args.size, "clusters": args.clusters,
-              "preset": args.preset, "method": args.method, "steps": runs[0]["steps"], "seeds": args.seeds,
-              "command": " ".join(sys.argv), "baseline": baseline, "imgcluster": runs}
-    (args.out / f"{label}.json").write_text(json.dumps(record, indent=2))
-    b, r = summarise(baseline), summarise(runs)
-    table = [f"`python {' '.join(sys.argv)}`", "",
+              "preset": args.preset, "tag": args.tag, "method": args.method, "steps": runs[0]["steps"],
+              "seeds": args.seeds, "command": " ".join(sys.argv), "baseline": baseline, "imgcluster": runs}
+    write_record(record, label, args.out)
+
+
+def combine(paths: list[Path], out: Path) -> None:
+    """One record from several runs of the same row (e.g. seeds run side by side as separate processes)."""
+    records = [json.loads(p.read_text()) for p in paths]
+    first = records[0]
+    same = ("set", "images", "size", "clusters", "preset", "steps")
+    for path, r in zip(paths, records):
+        for key in same + ("tag",):
+            if r.get(key) != first.get(key):
+                sys.exit(f"{path}: {key} is {r.get(key)!r}, {paths[0]} has {first.get(key)!r}: not the same row")
+    record = dict(first, seeds=[s for r in records for s in r["seeds"]],
+                  command=[r["command"] for r in records],
+                  baseline=[b for r in records for b in r["baseline"]],
+                  imgcluster=[x for r in records for x in r["imgcluster"]])
+    tag = f"-{first['tag']}" if first.get("tag") else ""
+    write_record(record, f"{first['set']}-{first['preset']}{tag}-{first['size']}px-k{first['clusters']}", out)
+
+
+def write_record(record: dict, label: str, out: Path) -> None:
+    """LABEL.json (every run) and LABEL.md (mean and spread over seeds) in `out`; the table is printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{label}.json").write_text(json.dumps(record, indent=2))
+    b, r = summarise(record["baseline"]), summarise(record["imgcluster"])
+    commands = record["command"] if isinstance(record["command"], list) else [record["command"]]
+    name, seeds = record["set"], len(record["seeds"])
+    what = " ".join(w for w in ("imgcluster", record.get("method"), record["preset"], record.get("tag")) if w)
+    table = [*(f"`python {c}`" for c in commands), "",
              "| set | images | size | K | what | steps | seeds | ACC | ACC (majority) | NMI | ARI | clusters used | wall s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-             f"| {name} | {len(files)} | {args.size} | {classes} | k-means on 50 PCA of pixels | - | {len(args.seeds)} | "
-             f"{fmt(b, 'acc')} | {fmt(b, 'acc_majority')} | {fmt(b, 'nmi')} | {fmt(b, 'ari')} | {fmt(b, 'clusters_used')} | {fmt(b, 'wall_s')} |",
-             f"| {name} | {len(files)} | {args.size} | {args.clusters} | imgcluster {args.method or ''} {args.preset} | "
-             f"{runs[0]['steps']} | {len(args.seeds)} | {fmt(r, 'acc')} | {fmt(r, 'acc_majority')} | {fmt(r, 'nmi')} | "
-             f"{fmt(r, 'ari')} | {fmt(r, 'clusters_used')} | {fmt(r, 'wall_s')} |", ""]
-    (args.out / f"{label}.md").write_text("\n".join(table))
+             f"| {name} | {record['images']} | {record['size']} | {record['classes']} | k-means on 50 PCA of pixels | - | "
+             f"{seeds} | {fmt(b, 'acc')} | {fmt(b, 'acc_majority')} | {fmt(b, 'nmi')} | {fmt(b, 'ari')} | "
+             f"{fmt(b, 'clusters_used')} | {fmt(b, 'wall_s')} |",
+             f"| {name} | {record['images']} | {record['size']} | {record['clusters']} | {what} | {record['steps']} | "
+             f"{seeds} | {fmt(r, 'acc')} | {fmt(r, 'acc_majority')} | {fmt(r, 'nmi')} | {fmt(r, 'ari')} | "
+             f"{fmt(r, 'clusters_used')} | {fmt(r, 'wall_s')} |", ""]
+    (out / f"{label}.md").write_text("\n".join(table))
     print("\n".join(table))
 
 

@@ -317,7 +317,8 @@ def assign(
     """Write path,cluster,confidence,error for every file found (unusable files keep their row)."""
     from imgcluster import pipeline
     from imgcluster.data import DEFAULT_MAX_PIXELS
-    from imgcluster.inference import SHEET_MEMBERS, write_assignments, write_sheets
+    from imgcluster.assignments import write_assignments
+    from imgcluster.inference import SHEET_MEMBERS, write_sheets
 
     if fmt not in ("csv", "jsonl"):
         fail(f"--format: must be csv or jsonl, got {fmt!r}", EXIT_USAGE)
@@ -389,7 +390,7 @@ def evaluate(
 ):
     """Score clusters against labels: ACC (Hungarian, majority vote, balanced), NMI, ARI, purity."""
     from imgcluster.evaluation import labels_from_csv, labels_from_folders as folder_labels, score
-    from imgcluster.inference import read_assignments
+    from imgcluster.assignments import read_assignments
 
     if (labels is None) == (not labels_from_folders):
         fail("give exactly one of --labels FILE.csv or --labels-from-folders", EXIT_USAGE)
@@ -446,7 +447,7 @@ def demo(
     """No data needed: cluster scikit-learn's 1,797 bundled 8x8 digits on the CPU and score the result."""
     from imgcluster.demo import write_digits
     from imgcluster.evaluation import labels_from_folders as folder_labels, score
-    from imgcluster.inference import read_assignments
+    from imgcluster.assignments import read_assignments
 
     data_dir = write_digits(out_dir / "digits")
     console.info(f"wrote {data_dir}: 1,797 digit images in one folder per class")

@@ -6,7 +6,7 @@ import csv
 from pathlib import Path, PurePosixPath
 
 from imgcluster import metrics
-from imgcluster.inference import Assignment
+from imgcluster.assignments import Assignment
 
 
 def labels_from_csv(path: Path) -> dict[str, str]:

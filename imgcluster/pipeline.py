@@ -16,8 +16,9 @@ import torch
 
 from imgcluster.config import TrainConfig
 from imgcluster.data import DEFAULT_MAX_PIXELS, ImageSet, load_image_set, scan_folder, write_bad_images
-from imgcluster.inference import (SHEET_MEMBERS, Assignment, BatchMaker, Upload, assign_batches, assign_images,
-                                  read_ahead, set_batches, write_assignments, write_sheets)
+from imgcluster.assignments import Assignment, write_assignments
+from imgcluster.inference import (SHEET_MEMBERS, BatchMaker, Upload, assign_batches, assign_images, read_ahead,
+                                  set_batches, write_sheets)
 from imgcluster.rundir import RunDir, load_model
 
 

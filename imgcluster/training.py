@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.utils import save_image
 
 from imgcluster import distributed
 from imgcluster.checkpoint import CHECKPOINT_FORMAT, atomic_write_text, read_state, write_state
 from imgcluster.config import TrainConfig
 from imgcluster.data import ImageSet
+from imgcluster.inference import save_grid
 from imgcluster.rundir import RunDir, save_config
 
 
@@ -216,7 +216,7 @@ def sample_grid(method, cfg: TrainConfig, path: Path, per_cluster: int = 8) -> N
         shown = min(cfg.clusters, cfg.sample_clusters)
         clusters = torch.arange(shown).repeat_interleave(per_cluster)
         images = method.generate(clusters)
-    save_image(images.float().cpu(), path, nrow=per_cluster, normalize=True, value_range=(-1, 1), padding=1)
+    save_grid(images.float().cpu(), path, nrow=per_cluster)
 
 
 # ---------------------------------------------------------------------------------------------

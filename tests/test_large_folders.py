@@ -22,8 +22,8 @@ from imgcluster import data, inference, pipeline
 from imgcluster.cli import app
 from imgcluster.config import load_preset, resolve_config
 from imgcluster.data import load_image_set
-from imgcluster.inference import (SHEET_MEMBERS, Assignment, BatchMaker, Upload, assign_images,
-                                  set_batches, write_assignments, write_sheets)
+from imgcluster.assignments import Assignment, write_assignments
+from imgcluster.inference import SHEET_MEMBERS, BatchMaker, Upload, assign_images, set_batches, write_sheets
 from imgcluster.methods import METHODS
 from imgcluster.rundir import RunDir, save_config, save_model
 

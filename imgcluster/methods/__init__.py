@@ -20,7 +20,29 @@ Optional:
                                   Read from the instance, so a method may set it from its settings.
 """
 
-from imgcluster.methods.c3gan import C3GAN
-from imgcluster.methods.slcgan import SlcGAN
+from __future__ import annotations
 
-METHODS = {"c3gan": C3GAN, "slcgan": SlcGAN}
+from collections.abc import Iterator, Mapping
+from importlib import import_module
+
+# name -> (module, class). A method's module is imported when the method is first looked up, so a command
+# that uses one method does not pay for the other's imports (slcGAN's imports torchvision's ResNet).
+_WHERE = {"c3gan": ("imgcluster.methods.c3gan", "C3GAN"), "slcgan": ("imgcluster.methods.slcgan", "SlcGAN")}
+
+
+class _Registry(Mapping):
+    def __getitem__(self, name: str):
+        module, cls = _WHERE[name]
+        return getattr(import_module(module), cls)
+
+    def __contains__(self, name) -> bool:          # without importing anything
+        return name in _WHERE
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_WHERE)
+
+    def __len__(self) -> int:
+        return len(_WHERE)
+
+
+METHODS = _Registry()

@@ -236,7 +236,7 @@ def step_assign(args: dict) -> dict:
     default on a GPU) forced on."""
     import torch
 
-    from imgcluster import inference, pipeline, rundir
+    from imgcluster import assignments, pipeline, rundir
     from imgcluster.cli import app
 
     os.environ["IMGCLUSTER_CACHE"] = args["cache"]
@@ -245,7 +245,7 @@ def step_assign(args: dict) -> dict:
         cfg, method = rundir.load_model(rundir.RunDir(Path(args["run"])), torch.device("cpu"))
         rows = pipeline.assign_folder(method, Path(args["folder"]), pipeline.cache_size(cfg), overlap=True)
         with open(args["out"], "w", newline="", encoding="utf-8", errors="surrogateescape") as out:
-            inference.write_assignments(rows, out)
+            assignments.write_assignments(rows, out)
     else:
         app(["assign", args["run"], args["folder"], "-o", args["out"], "--quiet"], standalone_mode=False)
     seconds = time.perf_counter() - t

@@ -166,7 +166,10 @@ def combine(paths: list[Path], out: Path) -> None:
         for key in same + ("tag",):
             if r.get(key) != first.get(key):
                 sys.exit(f"{path}: {key} is {r.get(key)!r}, {paths[0]} has {first.get(key)!r}: not the same row")
-    record = dict(first, seeds=[s for r in records for s in r["seeds"]],
+    seeds = [s for r in records for s in r["seeds"]]
+    if len(set(seeds)) < len(seeds):
+        sys.exit(f"--combine: seed given twice among {seeds}")
+    record = dict(first, seeds=seeds,
                   command=[r["command"] for r in records],
                   baseline=[b for r in records for b in r["baseline"]],
                   imgcluster=[x for r in records for x in r["imgcluster"]])

@@ -150,11 +150,10 @@ def main() -> None:
         print(f"seed {seed}: {json.dumps({k: runs[-1][k] for k in ('acc', 'nmi', 'ari', 'clusters_used', 'wall_s')})}",
               file=sys.stderr, flush=True)
 
-    label = f"{name}-{args.preset}{tag}-{args.size}px-k{args.clusters}"
     record = {"set": name, "images": len(files), "classes": classes, "size": args.size, "clusters": args.clusters,
               "preset": args.preset, "tag": args.tag, "method": args.method, "steps": runs[0]["steps"],
               "seeds": args.seeds, "command": " ".join(sys.argv), "baseline": baseline, "imgcluster": runs}
-    write_record(record, label, args.out)
+    write_record(record, args.out)
 
 
 def combine(paths: list[Path], out: Path) -> None:
@@ -173,12 +172,13 @@ def combine(paths: list[Path], out: Path) -> None:
                   command=[r["command"] for r in records],
                   baseline=[b for r in records for b in r["baseline"]],
                   imgcluster=[x for r in records for x in r["imgcluster"]])
-    tag = f"-{first['tag']}" if first.get("tag") else ""
-    write_record(record, f"{first['set']}-{first['preset']}{tag}-{first['size']}px-k{first['clusters']}", out)
+    write_record(record, out)
 
 
-def write_record(record: dict, label: str, out: Path) -> None:
-    """LABEL.json (every run) and LABEL.md (mean and spread over seeds) in `out`; the table is printed too."""
+def write_record(record: dict, out: Path) -> None:
+    """SET-PRESET[-TAG]-SIZEpx-kK.json (every run) and .md (mean and spread over seeds) in `out`; prints the table."""
+    tag = f"-{record['tag']}" if record.get("tag") else ""
+    label = f"{record['set']}-{record['preset']}{tag}-{record['size']}px-k{record['clusters']}"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{label}.json").write_text(json.dumps(record, indent=2))
     b, r = summarise(record["baseline"]), summarise(record["imgcluster"])

@@ -14,9 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save as save_bytes
 
 MODEL_FORMAT = "imgcluster-model"
 CHECKPOINT_FORMAT = "imgcluster-checkpoint"
@@ -33,6 +31,8 @@ class CheckpointError(RuntimeError):
 
 def flatten(obj, prefix: str = "", tensors: dict | None = None):
     """Return (json_tree, tensors): tensors replaced by {"__tensor__": key}; dict keys keep their type."""
+    import torch      # here, not at the top: `evaluate RUN_DIR` reads run files without loading torch
+
     tensors = {} if tensors is None else tensors
     if isinstance(obj, torch.Tensor):
         key = prefix or "_"
@@ -96,6 +96,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def write_state(path: Path, state: dict, kind: str, metadata: dict | None = None) -> None:
     """Save a nested state as one safetensors file (tensors) with its JSON tree in the metadata."""
+    from safetensors.torch import save as save_bytes
+
     tree, tensors = flatten(state)
     meta = {"format": kind, "format_version": str(FORMAT_VERSION), "tree": json.dumps(tree)}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})

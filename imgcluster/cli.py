@@ -37,8 +37,7 @@ def fail(message: str, code: int = EXIT_RUNTIME):
 def errors_as_exit_codes():
     """Map the core's exceptions to one stderr line and the documented exit code."""
     from imgcluster.checkpoint import CheckpointError
-    from imgcluster.data import DataError
-    from imgcluster.pipeline import NoUsableImages
+    from imgcluster.data import DataError, NoUsableImages
 
     try:
         yield
@@ -401,10 +400,10 @@ def evaluate(
         fail(f"--labels {labels}: no such file", EXIT_USAGE)
     num_clusters = None
     if source.is_dir():
-        from imgcluster.rundir import RunDir, load_config
+        from imgcluster.rundir import RunDir, saved_clusters
 
         with errors_as_exit_codes():
-            num_clusters = load_config(RunDir(source)).clusters
+            num_clusters = saved_clusters(RunDir(source))
     try:
         rows = read_assignments(csv_path)
         label_map = labels_from_csv(labels) if labels else folder_labels(rows)

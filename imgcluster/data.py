@@ -33,6 +33,8 @@ from typing import BinaryIO, Callable
 import numpy as np
 from PIL import Image, ImageOps
 
+from imgcluster.checkpoint import atomic_write
+
 CACHE_FORMAT = 2                      # 2: names start with a folder id; the JSON holds each file's size and mtime
 DEFAULT_MAX_PIXELS = 2 * 89_478_485   # Pillow's own hard limit (2 x Image.MAX_IMAGE_PIXELS default)
 SEQUENTIAL_BELOW = 512                # fewer files than this: decode in this process
@@ -45,6 +47,10 @@ log = logging.getLogger(__name__)
 
 class DataError(Exception):
     """A usage problem with the data folder (missing, not a folder, empty). Message is one line naming the path."""
+
+
+class NoUsableImages(RuntimeError):
+    """The folder has no usable image, fewer than the clusters asked for, or (--strict) any bad file (exit 3)."""
 
 
 class BadImage(Exception):
@@ -462,8 +468,6 @@ def _remove_leftovers(cache_dir: Path, folder: str, max_age_s: float = 3600.0) -
 
 def _atomic_write(path: Path, write: Callable) -> None:
     """write(f) into '<path>.tmp-<pid>' (several processes may build one cache), fsync, rename over `path`."""
-    from imgcluster.checkpoint import atomic_write    # here: decoding workers import this module, not torch
-
     atomic_write(path, write, tmp_suffix=f".tmp-{os.getpid()}")
 
 

@@ -15,15 +15,12 @@ from pathlib import Path
 import torch
 
 from imgcluster.config import TrainConfig
-from imgcluster.data import DEFAULT_MAX_PIXELS, ImageSet, load_image_set, scan_folder, write_bad_images
+from imgcluster.data import (DEFAULT_MAX_PIXELS, ImageSet, NoUsableImages, load_image_set, scan_folder,
+                             write_bad_images)
 from imgcluster.assignments import Assignment, write_assignments
 from imgcluster.inference import (SHEET_MEMBERS, BatchMaker, Upload, assign_batches, assign_images, read_ahead,
                                   set_batches, write_sheets)
 from imgcluster.rundir import RunDir, load_model
-
-
-class NoUsableImages(RuntimeError):
-    """The folder has no usable image, fewer than the clusters asked for, or (--strict) any bad file (exit 3)."""
 
 
 def resolve_device(name: str) -> torch.device:

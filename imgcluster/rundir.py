@@ -5,13 +5,14 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-import yaml
+from typing import TYPE_CHECKING
 
 from imgcluster import __version__
 from imgcluster.checkpoint import MODEL_FORMAT, CheckpointError, atomic_write_text, read_state, write_state
-from imgcluster.config import ConfigError, TrainConfig, config_from_dict, dump_config
+from imgcluster.config import ConfigError, TrainConfig, config_from_dict, dump_config, read_yaml
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class RunDir:
 
 
 def versions() -> dict:
+    import torch      # here, not at the top: reading a run's config (evaluate) does not need torch
+
     return {"imgcluster": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
 
 
@@ -68,16 +71,23 @@ def save_config(run: RunDir, cfg: TrainConfig) -> None:
     atomic_write_text(run.config, dump_config(cfg, {"versions": versions()}))
 
 
-def load_config(run: RunDir) -> TrainConfig:
+def read_config(run: RunDir) -> dict:
+    """config.yaml as plain data, unchecked; load_config checks it (and imports the method to do so)."""
     if not run.config.is_file():
         raise ConfigError(f"{run.root}: not a run directory (no config.yaml)")
-    try:
-        data = yaml.safe_load(run.config.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{run.config}: malformed YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{run.config}: expected a mapping of settings")
-    return config_from_dict(data, str(run.config))
+    return read_yaml(run.config.read_text(encoding="utf-8"), str(run.config))
+
+
+def saved_clusters(run: RunDir) -> int:
+    """K of a run, from config.yaml alone: for `evaluate`, which should not pay for importing torch."""
+    clusters = read_config(run).get("clusters")
+    if isinstance(clusters, bool) or not isinstance(clusters, int) or clusters < 2:
+        raise ConfigError(f"{run.config}: clusters must be a whole number of at least 2, got {clusters!r}")
+    return clusters
+
+
+def load_config(run: RunDir) -> TrainConfig:
+    return config_from_dict(read_config(run), str(run.config))
 
 
 def save_model(run: RunDir, method, cfg: TrainConfig, step: int, *, path: Path | None = None,

@@ -211,6 +211,19 @@ def test_run_dir_of_another_method_is_refused(tmp_path, mnist_200):
     assert result.exit_code == 2 and "unknown method" in result.stderr
 
 
+@pytest.mark.parametrize("line, words", [("clusters: many", "clusters must be a whole number"),
+                                         ("clusters: [1", "malformed YAML")])
+def test_evaluate_run_dir_with_damaged_config(tmp_path, line, words):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(f"method: c3gan\n{line}\n")
+    (run_dir / "assignments.csv").write_text("path,cluster,confidence\na/1.png,0,0.9\nb/2.png,1,0.8\n")
+    result = run("evaluate", run_dir, "--labels-from-folders")
+    assert result.exit_code == 2
+    assert words in result.stderr and "config.yaml" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Faults during training
 # ---------------------------------------------------------------------------------------------

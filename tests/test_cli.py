@@ -133,6 +133,18 @@ def test_evaluate_from_folders_and_labels_csv(trained, mnist_200, tmp_path):
     assert table.exit_code == 0 and table.stdout == "" and "NMI" in table.stderr
 
 
+def test_evaluate_does_not_load_torch(trained):
+    """Scoring reads two CSV files and config.yaml: it must not pay torch's import time (seconds)."""
+    code = ("import sys; from imgcluster.cli import app\n"
+            f"try: app(['evaluate', {str(trained)!r}, '--labels-from-folders', '--json'])\n"
+            "except SystemExit as e: assert e.code in (0, None), e.code\n"
+            "print('torch' in sys.modules, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["n"] == 200
+    assert done.stderr.strip().splitlines()[-1] == "False"
+
+
 def test_resume_continues_at_the_saved_step(trained, mnist_200, tmp_path):
     import shutil
 

@@ -453,6 +453,23 @@ def _remove_earlier_caches(cache_dir: Path, folder: str, keep: str) -> None:
             pass
 
 
+def _remove_format_1_caches(cache_dir: Path, real_root: str) -> None:
+    """Delete the folder's caches written by imgcluster 0.1.0 (format 1, named '<64 hex>'), at every size:
+    this version never reads them. Other folders' stay until those folders are cached again."""
+    for meta in cache_dir.glob("*.json"):
+        if len(meta.stem) != 64 or "-" in meta.stem:
+            continue
+        try:
+            info = json.loads(meta.read_text(encoding="ascii"))
+            root = info["root"]
+            if info.get("format") != 1 or not os.path.isabs(root) or os.path.realpath(root) != real_root:
+                continue
+            meta.unlink()                       # the JSON first, as in _remove_earlier_caches
+            (cache_dir / f"{meta.stem}.npy").unlink(missing_ok=True)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+
+
 def _remove_leftovers(cache_dir: Path, folder: str, max_age_s: float = 3600.0) -> None:
     """Files of this folder's caches left by a crashed build, untouched for an hour, are deleted: temp
     files, and a .npy whose JSON never came (the JSON is written last)."""
@@ -590,7 +607,7 @@ def load_image_set(root, size: int, *, cache_dir: Path | None = None, files: lis
 
     A build copies the rows of files unchanged since the folder's newest earlier cache (same relative
     path, size and mtime; same folder, size and pixel limit) and decodes only new or changed files; once
-    it is complete the earlier caches of the folder are deleted. `on_rows(start, block, reasons)` sees
+    it is complete the earlier caches of the folder are deleted (format 1 ones of 0.1.0 too). `on_rows(start, block, reasons)` sees
     every row of a build once, in order, as it is produced, so a caller can use rows before the build
     ends; it is not called when the cache is reused. The decoding workers then run at a lower priority
     (SHARING_NICE), so the caller's work on the rows comes first: a model on the CPU runs threads that
@@ -630,6 +647,7 @@ def load_image_set(root, size: int, *, cache_dir: Path | None = None, files: lis
                 "max_pixels": max_pixels, "root": str(root), "real_root": real_root}
         hit = _build_cache(rows, npy, meta, info, deliver)
         _remove_earlier_caches(cache_dir, folder, keep=name)
+        _remove_format_1_caches(cache_dir, real_root)
     except OSError as e:
         log.warning("cannot write image cache in %s (%s); keeping images in memory", cache_dir, e.strerror or e)
         # every file decoded again: the error may have come from reading the earlier cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import errno
 import io
+import json
 import os
 import random
 import threading
@@ -218,6 +219,27 @@ def test_crash_leftovers_are_removed_after_an_hour(tmp_path):
     write_image(root / "extra.png", 5)
     load_image_set(root, 8, cache_dir=cache, workers=1)
     new = next(cache.glob("*.json")).stem
+    assert sorted(p.name for p in cache.iterdir()) == sorted([f"{new}.json", f"{new}.npy", *kept])
+
+
+def test_caches_of_0_1_0_are_removed_when_their_folder_is_cached_again(tmp_path):
+    root = make_folder(tmp_path / "data", 3)
+    other = tmp_path / "other"
+    other.mkdir()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+
+    def format_1_cache(key: str, root_text: str, size: int) -> list[str]:   # 0.1.0's layout: '<64 hex>.npy/.json'
+        np.save(cache / f"{key}.npy", np.zeros((3, size, size, 3), np.uint8))
+        (cache / f"{key}.json").write_text(json.dumps({"format": 1, "files": [], "ok": [], "reasons": [],
+                                                       "size": size, "root": root_text}))
+        return [f"{key}.json", f"{key}.npy"]
+
+    format_1_cache("a" * 64, str(root), 8)
+    format_1_cache("b" * 64, str(tmp_path / "." / "data"), 16)              # same folder, another size
+    kept = format_1_cache("c" * 64, str(other), 8) + format_1_cache("d" * 64, "data", 8)   # relative: unknown
+    load_image_set(root, 8, cache_dir=cache, workers=1)
+    new = next(p.stem for p in cache.glob("*-*.json"))
     assert sorted(p.name for p in cache.iterdir()) == sorted([f"{new}.json", f"{new}.npy", *kept])
 
 

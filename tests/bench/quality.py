@@ -11,6 +11,11 @@ Seeds run side by side as separate processes (each with its own --out) are merge
 
     python tests/bench/quality.py --combine /tmp/s0/mnist-X.json /tmp/s1/mnist-X.json --out tests/bench/quality
 
+A finished row is taken further (more steps, same seeds, same baseline) without training again from step 0:
+each seed's run directory is copied and resumed, which continues exactly where it stopped; wall times add up.
+
+    python tests/bench/quality.py --extend tests/bench/quality/mnist-X.json --steps 4000 --tag X-4000
+
 The baseline is the one a user reaches in five lines of scikit-learn: k-means with k = number of classes on
 50 PCA components of the raw pixels, centre-cropped and resized to --size (the same cached pixels imgcluster
 trains on).
@@ -80,6 +85,11 @@ def imgcluster_run(folder: Path, run_dir: Path, args, seed: int) -> dict:
         cmd += ["--method", args.method]
     for s in args.set or []:
         cmd += ["--set", s]
+    return timed_train(cmd, run_dir)
+
+
+def timed_train(cmd: list[str], run_dir: Path) -> dict:
+    """Run a `train` command line, then score its run directory: evaluate's JSON plus wall_s and steps."""
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
@@ -87,9 +97,7 @@ def imgcluster_run(folder: Path, run_dir: Path, args, seed: int) -> dict:
                           "--json"], check=True, capture_output=True, text=True)
     result = json.loads(out.stdout)
     result["wall_s"] = round(wall, 1)
-    import yaml
-
-    result["steps"] = yaml.safe_load((run_dir / "config.yaml").read_text())["steps"]
+    result["steps"] = yaml_load(run_dir / "config.yaml")["steps"]
     return result
 
 
@@ -116,6 +124,8 @@ def main() -> None:
     src.add_argument("--folder", type=Path, help="any folder with one sub-folder per class")
     src.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
                      help="merge the JSON files of one row run in pieces (e.g. one seed per process) into one")
+    src.add_argument("--extend", type=Path, metavar="JSON",
+                     help="take the row in this JSON to --steps: resume copies of its seeds' run directories")
     ap.add_argument("--prefix", default="", help="only files whose name starts with this (e.g. test_)")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--clusters", type=int, help="K [default: the number of classes]")
@@ -123,7 +133,7 @@ def main() -> None:
     ap.add_argument("--preset", default="c3gan-32")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--set-option", dest="set", action="append", help="passed to train as --set")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--seeds", type=int, nargs="+", help="[default: 0; with --extend, the row's seeds]")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "imgcluster-bench")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "quality")
@@ -132,6 +142,10 @@ def main() -> None:
     if args.combine:
         combine(args.combine, args.out)
         return
+    if args.extend:
+        extend(args.extend, args)
+        return
+    args.seeds = args.seeds or [0]
 
     folder = args.folder or unpack(args.dataset, args.prefix, args.work)
     name = args.dataset or (folder.parent.name if folder.name == "images" else folder.name)   # NAME/images
@@ -140,12 +154,11 @@ def main() -> None:
     args.clusters = args.clusters or classes
     print(f"{name}: {len(files)} files, {classes} classes, K = {args.clusters}", file=sys.stderr)
 
-    tag = f"-{args.tag}" if args.tag else ""
     baseline = [kmeans_baseline(folder, args.size, seed) for seed in args.seeds]
     print(f"k-means on PCA pixels: {summarise(baseline)}", file=sys.stderr, flush=True)
     runs = []
     for seed in args.seeds:
-        run_dir = args.work / "runs" / f"{name}-{args.preset}{tag}-{args.size}-s{seed}"
+        run_dir = run_dir_of(args.work, {"set": name, "preset": args.preset, "tag": args.tag, "size": args.size}, seed)
         runs.append(imgcluster_run(folder, run_dir, args, seed))
         print(f"seed {seed}: {json.dumps({k: runs[-1][k] for k in ('acc', 'nmi', 'ari', 'clusters_used', 'wall_s')})}",
               file=sys.stderr, flush=True)
@@ -154,6 +167,53 @@ def main() -> None:
               "preset": args.preset, "tag": args.tag, "method": args.method, "steps": runs[0]["steps"],
               "seeds": args.seeds, "command": " ".join(sys.argv), "baseline": baseline, "imgcluster": runs}
     write_record(record, args.out)
+
+
+def run_dir_of(work: Path, record: dict, seed: int) -> Path:
+    tag = f"-{record['tag']}" if record.get("tag") else ""
+    return work / "runs" / f"{record['set']}-{record['preset']}{tag}-{record['size']}-s{seed}"
+
+
+def extend(path: Path, args) -> None:
+    """The row of `path` with more steps: each seed's run directory is copied under --tag and resumed to
+    --steps (exact resume, so the same as training that long from the start); the baseline is the row's."""
+    import shutil
+
+    earlier = json.loads(path.read_text())
+    if not args.steps or args.steps <= earlier["steps"]:
+        sys.exit(f"--extend: --steps must be more than the row's {earlier['steps']}")
+    if not args.tag or args.tag == earlier.get("tag"):
+        sys.exit("--extend: give a new --tag (the copies' run directories and the output are named by it)")
+    seeds = args.seeds or earlier["seeds"]
+    missing = sorted(set(seeds) - set(earlier["seeds"]))
+    if missing:
+        sys.exit(f"--extend: {path} has no run for seed(s) {missing}")
+    runs = dict(zip(earlier["seeds"], earlier["imgcluster"]))
+    record = dict(earlier, tag=args.tag, steps=args.steps, seeds=seeds, command=" ".join(sys.argv),
+                  extended_from=str(path), baseline=[earlier["baseline"][earlier["seeds"].index(s)] for s in seeds],
+                  imgcluster=[])
+    for seed in seeds:
+        before = runs[seed]
+        source, run_dir = run_dir_of(args.work, earlier, seed), run_dir_of(args.work, record, seed)
+        if not (source / "checkpoint" / "state.safetensors").is_file():
+            sys.exit(f"--extend: {source} holds no checkpoint to resume")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.copytree(source, run_dir)
+        folder = Path(yaml_load(run_dir / "config.yaml")["data_dir"])
+        cmd = [sys.executable, "-m", "imgcluster", "train", str(folder), "--out", str(run_dir),
+               "--steps", str(args.steps), "--quiet", "--device", args.device]
+        result = timed_train(cmd, run_dir)
+        result["wall_s"] = round(before["wall_s"] + result["wall_s"], 1)
+        record["imgcluster"].append(result)
+        print(f"seed {seed}: {json.dumps({k: result[k] for k in ('acc', 'nmi', 'ari', 'clusters_used', 'wall_s')})}",
+              file=sys.stderr, flush=True)
+    write_record(record, args.out)
+
+
+def yaml_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
 
 
 def combine(paths: list[Path], out: Path) -> None:

@@ -607,11 +607,12 @@ def load_image_set(root, size: int, *, cache_dir: Path | None = None, files: lis
 
     A build copies the rows of files unchanged since the folder's newest earlier cache (same relative
     path, size and mtime; same folder, size and pixel limit) and decodes only new or changed files; once
-    it is complete the earlier caches of the folder are deleted (format 1 ones of 0.1.0 too). `on_rows(start, block, reasons)` sees
-    every row of a build once, in order, as it is produced, so a caller can use rows before the build
-    ends; it is not called when the cache is reused. The decoding workers then run at a lower priority
-    (SHARING_NICE), so the caller's work on the rows comes first: a model on the CPU runs threads that
-    wait for each other at every layer, and crawls when decoders take a core from one of them.
+    it is complete the earlier caches of the folder are deleted, and its 0.1.0 caches (format 1) too.
+    `on_rows(start, block, reasons)` sees every row of a build once, in order, as it is produced, so a
+    caller can use rows before the build ends; it is not called when the cache is reused. The decoding
+    workers then run at a lower priority (SHARING_NICE), so the caller's work on the rows comes first: a
+    model on the CPU runs threads that wait for each other at every layer, and crawls when decoders take
+    a core from one of them.
 
     The .npy is streamed to a temporary file with ordinary writes (a full disk is an OSError, not a
     SIGBUS from a sparse memmap), fsynced and renamed; the JSON is renamed last, so a crash never

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from imgcluster import metrics
 from imgcluster.data import load_image_set, scan_folder
@@ -177,8 +179,6 @@ def run_dir_of(work: Path, record: dict, seed: int) -> Path:
 def extend(path: Path, args) -> None:
     """The row of `path` with more steps: each seed's run directory is copied under --tag and resumed to
     --steps (exact resume, so the same as training that long from the start); the baseline is the row's."""
-    import shutil
-
     earlier = json.loads(path.read_text())
     if not args.steps or args.steps <= earlier["steps"]:
         sys.exit(f"--extend: --steps must be more than the row's {earlier['steps']}")
@@ -211,8 +211,6 @@ def extend(path: Path, args) -> None:
 
 
 def yaml_load(path: Path) -> dict:
-    import yaml
-
     return yaml.safe_load(path.read_text())
 
 

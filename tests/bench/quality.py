@@ -162,13 +162,17 @@ def main() -> None:
     for seed in args.seeds:
         run_dir = run_dir_of(args.work, {"set": name, "preset": args.preset, "tag": args.tag, "size": args.size}, seed)
         runs.append(imgcluster_run(folder, run_dir, args, seed))
-        print(f"seed {seed}: {json.dumps({k: runs[-1][k] for k in ('acc', 'nmi', 'ari', 'clusters_used', 'wall_s')})}",
-              file=sys.stderr, flush=True)
+        report_seed(seed, runs[-1])
 
     record = {"set": name, "images": len(files), "classes": classes, "size": args.size, "clusters": args.clusters,
               "preset": args.preset, "tag": args.tag, "method": args.method, "steps": runs[0]["steps"],
               "seeds": args.seeds, "command": " ".join(sys.argv), "baseline": baseline, "imgcluster": runs}
     write_record(record, args.out)
+
+
+def report_seed(seed: int, result: dict) -> None:
+    scores = {k: result[k] for k in ("acc", "nmi", "ari", "clusters_used", "wall_s")}
+    print(f"seed {seed}: {json.dumps(scores)}", file=sys.stderr, flush=True)
 
 
 def run_dir_of(work: Path, record: dict, seed: int) -> Path:
@@ -205,8 +209,7 @@ def extend(path: Path, args) -> None:
         result = timed_train(cmd, run_dir)
         result["wall_s"] = round(before["wall_s"] + result["wall_s"], 1)
         record["imgcluster"].append(result)
-        print(f"seed {seed}: {json.dumps({k: result[k] for k in ('acc', 'nmi', 'ari', 'clusters_used', 'wall_s')})}",
-              file=sys.stderr, flush=True)
+        report_seed(seed, result)
     write_record(record, args.out)
 
 

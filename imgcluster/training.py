@@ -209,13 +209,15 @@ def trim_metrics(path: Path, step: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def sample_grid(method, cfg: TrainConfig, path: Path, per_cluster: int = 8) -> None:
-    """Rows = the first `sample_clusters` clusters, columns = a fixed z each; same (z, c) every time."""
+    """Rows = the first `sample_clusters` clusters, columns = one z each, shared by every row, so a
+    column shows what the cluster code changes; the same (z, c) every time."""
     devices = [method.device] if method.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(cfg.seed + 7919)
         shown = min(cfg.clusters, cfg.sample_clusters)
         clusters = torch.arange(shown).repeat_interleave(per_cluster)
-        images = method.generate(clusters)
+        z = torch.randn(per_cluster, cfg.method_settings.z_dim, device=method.device).repeat(shown, 1)
+        images = method.generate(clusters, z)
     save_grid(images.float().cpu(), path, nrow=per_cluster)
 
 

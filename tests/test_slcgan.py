@@ -18,7 +18,7 @@ from imgcluster.losses import hinge_d_split, hinge_g_split, multiview_consistenc
 from imgcluster.methods import METHODS
 from imgcluster.models.slcgan import Discriminator, Generator, SlcGANConfig, build_clusterer
 from imgcluster.rundir import RunDir, load_model, save_config, save_model
-from imgcluster.training import batch_indices, load_checkpoint, save_checkpoint, step_indices
+from imgcluster.training import batch_indices, load_checkpoint, sample_grid, save_checkpoint, step_indices
 
 CPU = torch.device("cpu")
 
@@ -305,6 +305,30 @@ def test_method_forward_backward_step_save_load_assign_generate(method_name, tmp
     g1 = method.generate(torch.tensor([1, 3]))
     torch.manual_seed(9)
     assert torch.equal(g1, loaded.generate(torch.tensor([1, 3])))
+
+
+@pytest.mark.parametrize("method_name", ["c3gan", "slcgan"])
+def test_sample_grid_columns_share_z(method_name, tmp_path):
+    """samples/step-N.png: row r = cluster r, column j = the same z_j in every row, the same every time."""
+    cfg = tiny_config(method_name, clusters=3)
+    method = METHODS[method_name](cfg, CPU)
+    calls = []
+    generate = method.generate
+    method.generate = lambda clusters, z: calls.append((clusters, z)) or generate(clusters, z)
+    sample_grid(method, cfg, tmp_path / "a.png", per_cluster=4)
+    sample_grid(method, cfg, tmp_path / "b.png", per_cluster=4)
+    (clusters, z), (_, z_again) = calls
+    assert clusters.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+    rows = z.view(3, 4, -1)
+    assert torch.equal(rows[1], rows[0]) and torch.equal(rows[2], rows[0])
+    assert len({tuple(v.tolist()) for v in rows[0]}) == 4           # one z per column
+    assert torch.equal(z, z_again)
+    # The given z is the one used: the RNG state does not change the result where G draws nothing else.
+    if method_name == "slcgan":
+        torch.manual_seed(1)
+        a = generate(clusters[:2], z[:2])
+        torch.manual_seed(2)
+        assert torch.equal(a, generate(clusters[:2], z[:2]))
 
 
 @pytest.mark.parametrize("name", ["slcgan-32", "slcgan-64", "slcgan-128", "slcgan-tiny"])

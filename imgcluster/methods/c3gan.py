@@ -184,10 +184,12 @@ class C3GAN:
         return cluster, conf
 
     @torch.no_grad()
-    def generate(self, clusters: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, S, S) in [-1, 1] of the given clusters, unperturbed; draws z from the global RNG."""
+    def generate(self, clusters: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (B, 3, S, S) in [-1, 1] of the given clusters, unperturbed; z (B, z_dim) is drawn from
+        the global RNG when not given."""
         self.G.eval()
-        z = torch.randn(clusters.shape[0], self.s.z_dim, device=self.device)
+        if z is None:
+            z = torch.randn(clusters.shape[0], self.s.z_dim, device=self.device)
         bg, fg, mask = self.G(z, F.one_hot(clusters.to(self.device), self.cfg.clusters).float())
         self.G.train()
         return bg * (1 - mask) + fg * mask

@@ -239,13 +239,14 @@ class SlcGAN:
         return cluster, conf
 
     @torch.no_grad()
-    def generate(self, clusters: torch.Tensor) -> torch.Tensor:
+    def generate(self, clusters: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """Images (B, 3, S, S) in [-1, 1] of the given clusters (one-hot codes); the EMA G when kept.
-        Draws z from the global RNG."""
+        z (B, z_dim) is drawn from the global RNG when not given."""
         g = self.G_ema if self.G_ema is not None else self.G
         was_training = g.training
         g.eval()
-        z = torch.randn(clusters.shape[0], self.s.z_dim, device=self.device)
+        if z is None:
+            z = torch.randn(clusters.shape[0], self.s.z_dim, device=self.device)
         images = g(z, F.one_hot(clusters.to(self.device), self.cfg.clusters).float())
         g.train(was_training)
         return images

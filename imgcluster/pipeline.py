@@ -4,11 +4,12 @@
     training.train(cfg, run, images, device)          the loop (checkpoints, metrics, samples, model)
     finish_run(run, device, images)                   assignments.csv and sheets/ from the saved model
 
-    rows = assign_folder(method, data_dir, size)      `assign`: rows streamed; on a GPU during the cache build
+    rows = assign_folder(method, data_dir, size)      `assign`: rows streamed during the cache build
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 
 from imgcluster.config import TrainConfig
 from imgcluster.data import (DEFAULT_MAX_PIXELS, ImageSet, NoUsableImages, load_image_set, scan_folder,
-                             write_bad_images)
+                             usable_cpus, write_bad_images)
 from imgcluster.assignments import Assignment, write_assignments
 from imgcluster.inference import (SHEET_MEMBERS, BatchMaker, Upload, assign_batches, assign_images, read_ahead,
                                   set_batches, write_sheets)
@@ -111,10 +112,30 @@ class FolderAssignments:
 
     def __iter__(self) -> Iterator[Assignment]:
         n = len(self.files)
-        for i, row in enumerate(assign_batches(self.method, self.files, read_ahead(self._feed)), 1):
-            if self.progress and (i % self.batch_size == 0 or i == n):
-                self.progress(i, n)
-            yield row
+        self._built = threading.Event()
+        before = self._share_cpus()
+        try:
+            for i, row in enumerate(assign_batches(self.method, self.files, read_ahead(self._feed)), 1):
+                if before and self._built.is_set():
+                    torch.set_num_threads(before)
+                    before = 0
+                if self.progress and (i % self.batch_size == 0 or i == n):
+                    self.progress(i, n)
+                yield row
+        finally:
+            if before:
+                torch.set_num_threads(before)
+
+    def _share_cpus(self) -> int:
+        """A model on the CPU beside a cache build shares the cores with the decoding workers: torch runs
+        on half of them until the build is done (the workers, at a lower priority, take what it leaves).
+        With all of them it competes with the workers, and the two together measured slower than one
+        after the other (tests/bench/large_folder.py). Returns the thread count to restore, or 0."""
+        if self.images is not None or self.method.device.type != "cpu":
+            return 0
+        before = torch.get_num_threads()
+        torch.set_num_threads(max(1, min(before, usable_cpus() // 2)))
+        return before
 
     def _feed(self, put) -> None:
         upload = Upload(self.method.device)
@@ -122,6 +143,7 @@ class FolderAssignments:
             maker = BatchMaker(self.batch_size, put, upload)
             self.images = load_image_set(self.data_dir, self.size, files=self.files, max_pixels=self.max_pixels,
                                          on_rows=maker.add)
+            self._built.set()
             if maker.seen:                      # built just now: every row went through the maker
                 maker.finish()
                 return
@@ -130,22 +152,19 @@ class FolderAssignments:
 
 
 def assign_folder(method, data_dir: Path, size: int, *, batch_size: int = 256, strict: bool = False,
-                  max_pixels: int | None = DEFAULT_MAX_PIXELS, overlap: bool | None = None,
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS, overlap: bool = True,
                   progress: Callable[[int, int], None] | None = None) -> FolderAssignments:
     """Assign every file of a folder, streaming (see FolderAssignments); `progress` counts rows assigned.
 
     The folder is scanned now, so a missing or empty folder raises before the first row. `overlap`
-    (default: when the model is not on the CPU) runs the model while the cache is built. On the CPU
-    the two compete for the same cores and each alone already uses them all: building first measured
-    a little faster there (tests/bench/large_folder.py). Without overlap, and with `strict`, the cache
-    is built first, reporting to `progress` too; so with `strict` an unusable file stops everything
-    before any row is written.
+    runs the model while the cache is built (on the CPU with half the cores until the build is done:
+    about 10% faster than building first on 2 cores, tests/bench/large_folder.py). Without overlap, and
+    with `strict`, the cache is built first, reporting to `progress` too; so with `strict` an unusable
+    file stops everything before any row is written.
     """
     files = scan_folder(data_dir)
     if not files:
         raise NoUsableImages(f"{data_dir}: no usable images (no files found; hidden files are skipped)")
-    if overlap is None:
-        overlap = method.device.type != "cpu"
     images = None
     if strict or not overlap:
         images = prepare_images(data_dir, size, files=files, strict=strict, max_pixels=max_pixels, progress=progress)

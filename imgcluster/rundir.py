@@ -112,7 +112,7 @@ def load_model(run: RunDir, device: torch.device):
     state, meta = read_state(run.model, MODEL_FORMAT, device="cpu")
     if meta.get("method") != cfg.method:
         raise CheckpointError(f"{run.model}: made by method {meta.get('method')!r} but config.yaml says {cfg.method!r}")
-    method = METHODS[cfg.method](cfg, device)
+    method = METHODS[cfg.method](cfg, device, training=False)     # no optimizers: weights from the file
     for name, net in method.networks().items():
         net.load_state_dict(state[name])
         net.eval()

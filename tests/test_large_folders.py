@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from imgcluster import data, inference, pipeline
 from imgcluster.cli import app
 from imgcluster.config import load_preset, resolve_config
-from imgcluster.data import load_image_set
+from imgcluster.data import load_image_set, usable_cpus
 from imgcluster.assignments import Assignment, write_assignments
 from imgcluster.inference import SHEET_MEMBERS, BatchMaker, Upload, assign_images, set_batches, write_sheets
 from imgcluster.methods import METHODS
@@ -381,15 +381,18 @@ def test_streamed_assign_gives_the_rows_of_before_cold_and_warm(big_folder, tmp_
     cold = pipeline.assign_folder(method, big_folder, size, batch_size=64, overlap=True,
                                   progress=lambda d, n: progress.append(d))
     assert cold.images is None                                 # nothing decoded before the rows are asked for
+    threads = torch.get_num_threads()
     rows = iter(cold)
     first = next(rows)
     assert not built.is_set()                                  # the model ran while workers decoded the rest
+    assert torch.get_num_threads() == max(1, min(threads, usable_cpus() // 2))   # sharing the cores
     assert [first, *rows] == reference
+    assert torch.get_num_threads() == threads                  # all of them again
     assert isinstance(cold.images.images, np.memmap) and progress[-1] == 603 and progress == sorted(progress)
     warm = pipeline.assign_folder(method, big_folder, size, batch_size=64, overlap=True)
     assert list(warm) == reference
     monkeypatch.setenv("IMGCLUSTER_CACHE", str(tmp_path / "cache-cpu"))
-    first_built = pipeline.assign_folder(method, big_folder, size, batch_size=64)   # on the CPU: no overlap
+    first_built = pipeline.assign_folder(method, big_folder, size, batch_size=64, overlap=False)
     assert first_built.images is not None and list(first_built) == reference
     assert list(assign_images(method, warm.images, 64)) == reference
     assert csv_text(iter(reference)) == csv_text(warm)
@@ -410,9 +413,11 @@ def test_stopping_early_ends_the_build_and_leaves_no_temp_file(big_folder, tmp_p
     cfg, method = tiny_method()
     threads = threading.active_count()
     rows = iter(pipeline.assign_folder(method, big_folder, pipeline.cache_size(cfg), batch_size=16, overlap=True))
+    torch_threads = torch.get_num_threads()
     assert next(rows).path and next(rows).path
     rows.close()                                               # e.g. the output pipe closed
     assert threading.active_count() == threads
+    assert torch.get_num_threads() == torch_threads            # restored (it was lowered during the build)
     assert not list((tmp_path / "cache").glob("*"))            # no cache trusted, no temp file left
 
 

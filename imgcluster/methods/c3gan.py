@@ -62,19 +62,23 @@ class C3GAN:
     Settings = C3GANSettings
     clusterer = "D"                # the network `assign` and `recalibrate` use (its semantic head)
 
-    def __init__(self, cfg, device: torch.device):
+    def __init__(self, cfg, device: torch.device, *, training: bool = True):
+        """`training=False` (a model loaded for inference): the weights come from a file, so no
+        initialisation, no optimizers and no training handles; only the networks."""
         s: C3GANSettings = cfg.method_settings
         self.cfg, self.s, self.device = cfg, s, device
         self.net_cfg = C3GANConfig(image_size=cfg.image_size, clusters=cfg.clusters, z_dim=s.z_dim,
                                    c_dim=s.c_dim, ngf=s.ngf, ndf=s.ndf, h_dim=s.h_dim, tau=s.tau)
         self.G = Generator(self.net_cfg).to(device)
         self.D = Discriminator(self.net_cfg).to(device)
+        self.amp = resolve_precision(cfg.precision, device)
+        if not training:
+            return
         init_weights(self.G)
         init_weights(self.D)
         # What each network's own update step calls (DDP under torchrun, compiled on request).
         self.G_train = training_handle(self.G, cfg, device)
         self.D_train = training_handle(self.D, cfg, device)
-        self.amp = resolve_precision(cfg.precision, device)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=s.lr, betas=s.betas)
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=s.lr, betas=s.betas)
 

@@ -71,7 +71,9 @@ class SlcGAN:
     # The instance attribute set in __init__ follows the setting d_steps (default 2).
     real_batches_per_step = 2
 
-    def __init__(self, cfg, device: torch.device):
+    def __init__(self, cfg, device: torch.device, *, training: bool = True):
+        """`training=False` (a model loaded for inference): the weights come from a file, so no
+        optimizers and no training handles; only the networks."""
         s: SlcGANSettings = cfg.method_settings
         self.cfg, self.s, self.device = cfg, s, device
         self.real_batches_per_step = s.d_steps
@@ -80,14 +82,16 @@ class SlcGAN:
         self.G = Generator(self.net_cfg).to(device)
         self.D = Discriminator(self.net_cfg).to(device)
         self.C = build_clusterer(self.net_cfg).to(device)
-        # What each network's own update step calls (DDP under torchrun, compiled on request).
-        self.G_train = training_handle(self.G, cfg, device)
-        self.D_train = training_handle(self.D, cfg, device)
-        self.C_train = training_handle(self.C, cfg, device)
         self.amp = resolve_precision(cfg.precision, device)
         self.G_ema = None
         if s.ema:
             self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        if not training:
+            return
+        # What each network's own update step calls (DDP under torchrun, compiled on request).
+        self.G_train = training_handle(self.G, cfg, device)
+        self.D_train = training_handle(self.D, cfg, device)
+        self.C_train = training_handle(self.C, cfg, device)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=s.lr, betas=s.betas)
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=s.lr, betas=s.betas)
         self.opt_c = torch.optim.Adam(self.C.parameters(), lr=s.lr, betas=s.betas)

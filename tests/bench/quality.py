@@ -224,7 +224,7 @@ def combine(paths: list[Path], out: Path) -> None:
     same = ("set", "images", "size", "clusters", "preset", "steps")
     for path, r in zip(paths, records):
         for key in same + ("tag",):
-            if r.get(key) != first.get(key):
+            if r.get(key) != first.get(key) and not (key == "tag" and not r.get(key) and not first.get(key)):
                 sys.exit(f"{path}: {key} is {r.get(key)!r}, {paths[0]} has {first.get(key)!r}: not the same row")
     seeds = [s for r in records for s in r["seeds"]]
     if len(set(seeds)) < len(seeds):

@@ -101,17 +101,42 @@ class StopFlag:
 # train
 # ---------------------------------------------------------------------------------------------
 
-def auto_preset(data_dir: Path, files: list[str], method: str, image_size: int | None, device_type: str) -> str:
-    """The preset for a new run without --preset (`files`: the folder's scan), announced on stderr."""
+def auto_preset(data_dir: Path, files: list[str], method: str | None, image_size: int | None,
+                device_type: str) -> str:
+    """The preset for a new run without --preset (`files`: the folder's scan), announced on stderr;
+    without --method too, the method is picked from the folder first."""
     from imgcluster import distributed
-    from imgcluster.config import pick_preset
+    from imgcluster.config import pick_method, pick_preset
     from imgcluster.data import typical_side
 
     side = typical_side(data_dir, files)
+    speak = distributed.launch_rank() == 0             # under torchrun every rank picks; one says so
+    if method is None:
+        method, why = pick_method(side)
+        if speak:
+            console.info(f"no --method given: using {method} ({why}); pass --method to choose")
     name, why = pick_preset(method, image_size, side, device_type)
-    if distributed.launch_rank() == 0:                 # under torchrun every rank picks; one says so
+    if speak:
         console.info(f"no --preset given: using {name} ({len(files)} files, {why}); pass --preset to choose")
     return name
+
+
+def default_run_root(data_dir: Path, method: str, clusters: int) -> Path:
+    """Where a run goes without --out: runs/<folder>-<method>-k<K>."""
+    return Path("runs") / f"{data_dir.resolve().name}-{method}-k{clusters}"
+
+
+def check_method_sections(overrides: dict, method: str) -> None:
+    """A --set for another method's settings would be ignored (a preset file may hold both methods'
+    sections; a command line that names one means it): refuse it, naming the key."""
+    from imgcluster.methods import METHODS
+
+    for name in METHODS:
+        if name != method and name in overrides:
+            section = overrides[name]
+            key = f"{name}.{next(iter(section))}" if isinstance(section, dict) and section else name
+            raise ConfigError(f"--set {key}: a {name} setting, but this run uses {method}; "
+                              f"pass --method {name} or drop it")
 
 
 def build_config(data_dir: Path, run_root: Path | None, flags: dict, preset: str | None, sets: list[str],
@@ -130,6 +155,7 @@ def build_config(data_dir: Path, run_root: Path | None, flags: dict, preset: str
         if run.checkpoint.exists() and not restart:
             saved = load_config(run)
             cfg = resolve_config((saved.to_dict(), str(run.config)), (explicit, "flags"), (overrides, "--set"))
+            check_method_sections(overrides, cfg.method)
             if cfg.method != saved.method:
                 raise ConfigError(f"{run.root} was trained with {saved.method}, not {cfg.method}; "
                                   f"pass --restart to start over or --out for a new run")
@@ -139,19 +165,31 @@ def build_config(data_dir: Path, run_root: Path | None, flags: dict, preset: str
                                   f"pass --restart to start over or --out for a new run")
             return cfg, run, True
     if preset is None:
-        method = str(overrides.get("method") or explicit.get("method") or "c3gan")
         from imgcluster.data import scan_folder
+        from imgcluster.methods import METHODS
 
+        method = overrides.get("method") or explicit.get("method")      # None: picked from the folder
+        if method is not None and method not in METHODS:
+            flag = "--set method" if overrides.get("method") else "--method"
+            raise ConfigError(f"{flag}: unknown method '{method}'; known: {', '.join(METHODS)}")
+        if method is None and run_root is None and "clusters" in explicit and not restart:
+            # Before picking: the default run directory of one method already holds a run (say, from
+            # before the method was picked from the folder): resume that one.
+            roots = [default_run_root(data_dir, name, explicit["clusters"]) for name in METHODS]
+            found = [root for root in roots if RunDir(root).checkpoint.exists()]
+            if len(found) == 1:
+                return build_config(data_dir, found[0], flags, preset, sets, restart, device_type, files)
         files = scan_folder(data_dir) if files is None else files
-        preset = auto_preset(data_dir, files, method, explicit.get("image_size"), device_type)
+        preset = auto_preset(data_dir, files, str(method) if method else None, explicit.get("image_size"), device_type)
     layers = [(load_preset(preset), f"preset {preset}")] if preset else []
     for values, source in layers:
         if "method" in explicit and values.get("method", explicit["method"]) != explicit["method"]:
             raise ConfigError(f"--method {explicit['method']} conflicts with {source}, which is for "
                               f"{values['method']}; pick a {explicit['method']} preset or drop --method")
     cfg = resolve_config(*layers, (explicit, "flags"), (overrides, "--set"))
+    check_method_sections(overrides, cfg.method)
     if run_root is None:
-        run_root = Path("runs") / f"{data_dir.resolve().name}-{cfg.method}-k{cfg.clusters}"
+        run_root = default_run_root(data_dir, cfg.method, cfg.clusters)
         run = RunDir(run_root)
         if run.checkpoint.exists() and not restart:
             return build_config(data_dir, run_root, flags, preset, sets, restart, device_type, files)

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from imgcluster import precision
 from imgcluster.cli import app
-from imgcluster.config import pick_preset
+from imgcluster.config import pick_method, pick_preset
 
 runner = CliRunner()
 
@@ -199,14 +199,18 @@ def test_method_flag_conflicting_with_the_preset_is_refused(mnist_200, tmp_path)
 
 
 def test_without_preset_one_is_picked_from_the_folder(mnist_200, tmp_path):
-    """28 px MNIST digits -> the 32 px CPU preset on a CPU; large images -> 128; --image-size and --method steer it."""
+    """28 px MNIST digits -> slcGAN's 32 px CPU preset on a CPU; large images -> C3-GAN at 128;
+    --image-size and --method steer it."""
     result = run("train", mnist_200, "--clusters", 5, "--out", tmp_path / "r", "--dry-run", "--device", "cpu")
     assert result.exit_code == 0
-    assert "using c3gan-32-cpu" in result.stderr and "typical image 28 px, on a CPU" in result.stderr
-    assert yaml.safe_load(result.stdout)["image_size"] == 32
-    result = run("train", mnist_200, "--clusters", 5, "--method", "slcgan", "--out", tmp_path / "r", "--dry-run",
+    assert "no --method given: using slcgan (typical image 28 px" in result.stderr
+    assert "using slcgan-32-cpu" in result.stderr and "typical image 28 px, on a CPU" in result.stderr
+    cfg = yaml.safe_load(result.stdout)
+    assert cfg["image_size"] == 32 and cfg["method"] == "slcgan" and cfg["slcgan"]["c_width"] == 16
+    result = run("train", mnist_200, "--clusters", 5, "--method", "c3gan", "--out", tmp_path / "r", "--dry-run",
                  "--device", "cpu")
-    assert "using slcgan-32-cpu" in result.stderr and yaml.safe_load(result.stdout)["slcgan"]["c_width"] == 16
+    assert "no --method given" not in result.stderr
+    assert "using c3gan-32-cpu" in result.stderr and yaml.safe_load(result.stdout)["c3gan"]["ngf"] == 32
     big = tmp_path / "big"
     big.mkdir()
     for i in range(3):
@@ -215,6 +219,9 @@ def test_without_preset_one_is_picked_from_the_folder(mnist_200, tmp_path):
                  "--device", "cpu")
     assert "using slcgan-128 (3 files, typical image 300 px; a GPU preset: slow on a CPU)" in result.stderr
     assert yaml.safe_load(result.stdout)["image_size"] == 128
+    result = run("train", big, "--clusters", 2, "--out", tmp_path / "b", "--dry-run", "--device", "cpu")
+    assert "no --method given: using c3gan (typical image 300 px" in result.stderr
+    assert yaml.safe_load(result.stdout)["method"] == "c3gan"
     result = run("train", big, "--clusters", 2, "--image-size", 64, "--out", tmp_path / "b", "--dry-run",
                  "--device", "cpu")
     assert "using c3gan-64-cpu (3 files, --image-size 64, on a CPU)" in result.stderr
@@ -228,6 +235,35 @@ def test_preset_pick_by_device():
     name, why = pick_preset("c3gan", None, 200, "cpu")
     assert name == "c3gan-128" and "a GPU preset" in why
     assert pick_preset("c3gan", None, None, "cuda") == ("c3gan-32", "no readable image to size it by")
+
+
+def test_method_pick_by_image_side():
+    """Without --method: slcGAN for small images (up to 40 px), C3-GAN for larger ones or when none is readable."""
+    assert pick_method(28)[0] == "slcgan" and pick_method(40)[0] == "slcgan"
+    assert pick_method(41)[0] == "c3gan" and pick_method(500)[0] == "c3gan"
+    assert pick_method(None) == ("c3gan", "no readable image to size the folder by")
+
+
+def test_without_method_a_run_of_either_method_in_the_default_place_resumes(mnist_200, tmp_path, monkeypatch):
+    """A C3-GAN run in runs/<folder>-c3gan-k3 (made before the method was picked from the folder) resumes
+    when `train` is run again without --method, although the folder's pick is now slcGAN."""
+    monkeypatch.chdir(tmp_path)
+    assert run("train", mnist_200, "--clusters", 3, "--preset", "cpu-tiny", "--steps", 2, "--quiet").exit_code == 0
+    earlier = Path("runs") / f"{mnist_200.name}-c3gan-k3"
+    assert (earlier / "checkpoint").is_dir()
+    result = run("train", mnist_200, "--clusters", 3, "--dry-run")
+    assert result.exit_code == 0, result.stderr
+    assert f"run directory {earlier} (resume)" in result.stderr and "no --method given" not in result.stderr
+    assert yaml.safe_load(result.stdout)["method"] == "c3gan"
+    result = run("train", mnist_200, "--clusters", 3, "--dry-run", "--restart")       # a new run: picked again
+    assert "no --method given: using slcgan" in result.stderr and "slcgan-k3 (new run)" in result.stderr
+
+
+def test_unknown_method_is_a_usage_error(mnist_200, tmp_path):
+    for flags in (["--method", "kmeans"], ["--set", "method=kmeans"]):
+        result = run("train", mnist_200, "--clusters", 5, *flags, "--out", tmp_path / "r", "--dry-run")
+        assert result.exit_code == 2
+        assert "unknown method 'kmeans'; known: c3gan, slcgan" in result.stderr and "preset" not in result.stderr
 
 
 def test_dry_run_prints_config_and_trains_nothing(mnist_200, tmp_path):
@@ -248,7 +284,7 @@ def test_dry_run_under_torchrun_prints_on_rank_0_only(mnist_200, tmp_path, monke
     assert result.exit_code == 0 and result.stdout == "" and "preset" not in result.stderr
     monkeypatch.setenv("RANK", "0")
     result = run("train", mnist_200, "--clusters", 3, "--out", tmp_path / "r", "--dry-run", "--device", "cpu")
-    assert yaml.safe_load(result.stdout)["clusters"] == 3 and "using c3gan-32-cpu" in result.stderr
+    assert yaml.safe_load(result.stdout)["clusters"] == 3 and "using slcgan-32-cpu" in result.stderr
 
 
 @pytest.mark.parametrize("has_bf16, flags, hinted", [
@@ -270,7 +306,8 @@ def test_cpu_with_bf16_units_gets_a_precision_hint(has_bf16, flags, hinted, mnis
 @pytest.mark.parametrize("args, code, words", [
     (["train", "{missing}", "--clusters", "3"], 2, "no such folder"),
     (["train", "{data}", "--clusters", "3", "--preset", "nope"], 2, "unknown preset"),
-    (["train", "{data}", "--clusters", "3", "--set", "c3gan.ngff=3"], 2, "c3gan.ngff"),
+    (["train", "{data}", "--clusters", "3", "--method", "c3gan", "--set", "c3gan.ngff=3"], 2, "c3gan.ngff"),
+    (["train", "{data}", "--clusters", "3", "--set", "c3gan.ngf=32"], 2, "--set c3gan.ngf: a c3gan setting, but this run uses slcgan"),
     (["train", "{data}", "--clusters", "3", "--set", "steps=many"], 2, "steps"),
     (["train", "{data}", "--clusters", "3", "--image-size", "48"], 2, "image_size"),
     (["train", "{data}"], 2, "--clusters"),

@@ -180,7 +180,7 @@ def build_config(data_dir: Path, run_root: Path | None, flags: dict, preset: str
             if len(found) == 1:
                 return build_config(data_dir, found[0], flags, preset, sets, restart, device_type, files)
         files = scan_folder(data_dir) if files is None else files
-        preset = auto_preset(data_dir, files, str(method) if method else None, explicit.get("image_size"), device_type)
+        preset = auto_preset(data_dir, files, method, explicit.get("image_size"), device_type)
     layers = [(load_preset(preset), f"preset {preset}")] if preset else []
     for values, source in layers:
         if "method" in explicit and values.get("method", explicit["method"]) != explicit["method"]:

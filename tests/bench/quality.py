@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -120,6 +121,9 @@ def fmt(summary: dict, key: str) -> str:
 
 
 def main() -> None:
+    # A `kill` of this script must not leave its `imgcluster train` child running: as SystemExit, SIGTERM reaches
+    # subprocess.run, which kills the child before the exception goes on (the child's checkpoints stay whole).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--set", dest="dataset", help="a ../shared/data archive name: mnist, fashion_mnist, cifar10, cub100")

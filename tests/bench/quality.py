@@ -234,10 +234,15 @@ def combine(paths: list[Path], out: Path) -> None:
     if len(set(seeds)) < len(seeds):
         sys.exit(f"--combine: seed given twice among {seeds}")
     record = dict(first, seeds=seeds,
-                  command=[r["command"] for r in records],
+                  command=[c for r in records for c in commands_of(r)],
                   baseline=[b for r in records for b in r["baseline"]],
                   imgcluster=[x for r in records for x in r["imgcluster"]])
     write_record(record, out)
+
+
+def commands_of(record: dict) -> list[str]:
+    """The command line of a record, or the lines of a combined one."""
+    return record["command"] if isinstance(record["command"], list) else [record["command"]]
 
 
 def write_record(record: dict, out: Path) -> None:
@@ -247,7 +252,7 @@ def write_record(record: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{label}.json").write_text(json.dumps(record, indent=2))
     b, r = summarise(record["baseline"]), summarise(record["imgcluster"])
-    commands = record["command"] if isinstance(record["command"], list) else [record["command"]]
+    commands = commands_of(record)
     name, seeds = record["set"], len(record["seeds"])
     what = " ".join(w for w in ("imgcluster", record.get("method"), record["preset"], record.get("tag")) if w)
     table = [*(f"`python {c}`" for c in commands), "",

@@ -8,17 +8,28 @@ Run by hand, not by pytest:
     python tests/bench/train_speed.py --device cuda --batch-size 64
     python tests/bench/train_speed.py --sizes 128 --steps 3 --markdown >> tests/bench/RESULTS.md
     python tests/bench/train_speed.py --device cuda --sizes 128 --precision fp32 bf16 --batch-size 64
+    python tests/bench/train_speed.py --device cuda --sizes 128 --precision bf16 --batch-size 64 \
+        --extra contiguous no-cudnn-benchmark compiled --flops --json speed.json
 
-Inputs are real CUB-100 bird images from ../shared/data (resized once in memory); random pixels
-if the archive is absent (the step's cost does not depend on content). At 128 px it also times the
-literal formulation (tiled one-hot concat in the texture head, per-cluster logit loop) in the same
-run and reports the ratio.
+Inputs are real CUB-100 bird images from ../shared/data (or --archive; resized once in memory); random
+pixels if the archive is absent (the step's cost does not depend on content). On a GPU the images sit in
+GPU memory and batches are gathered there, as the training loop does when the set fits. At 128 px it also
+times the literal formulation (tiled one-hot concat in the texture head, per-cluster logit loop) in the
+same run and reports the ratio.
+
+--extra times variants of each row in the same run: `contiguous` (NCHW instead of channels_last),
+`no-cudnn-benchmark` (cuDNN's default algorithm choice instead of timing them once per shape),
+`compiled` (torch.compile, as `--compile`; its first steps, the compilation, are reported apart).
+--flops counts the matrix and convolution FLOPs of one step (torch.utils.flop_counter, forward and
+backward) and reports the achieved TFLOP/s and, on a GPU, the fraction of the bf16 peak: the dense bf16
+matrix-product rate measured in the same run (8192^3) and the datasheet figure (--peak-tflops).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import platform
 import resource
 import sys
@@ -37,9 +48,8 @@ from imgcluster.methods import METHODS
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
-def real_images(count: int, size: int) -> torch.Tensor:
+def real_images(count: int, size: int, archive: Path) -> torch.Tensor:
     """(count, size, size, 3) uint8 from the CUB-100 archive, or random pixels without it."""
-    archive = SHARED / "cub100.tar.gz"
     if not archive.exists():
         return torch.randint(0, 256, (count, size, size, 3), dtype=torch.uint8)
     out = []
@@ -58,30 +68,73 @@ def set_literal(method, literal: bool) -> None:
     method.D.loop_logits = literal
 
 
-def time_steps(method, data: torch.Tensor, batch: int, steps: int, warmup: int) -> float:
-    """Seconds per training step, after `warmup` untimed steps (a step reads real_batches_per_step batches)."""
-    per_step = getattr(method, "real_batches_per_step", 1)
+def one_step(method, data: torch.Tensor, batch: int) -> None:
+    """One training step on a random batch (a step reads real_batches_per_step batches)."""
+    idx = torch.randint(0, data.shape[0], (batch * getattr(method, "real_batches_per_step", 1),))
+    method.train_step(data[idx.to(data.device)].to(method.device))
 
-    def step(i):
-        idx = torch.randint(0, data.shape[0], (batch * per_step,))
-        method.train_step(data[idx].to(method.device))
 
-    for i in range(warmup):
-        step(i)
-    if method.device.type == "cuda":
-        torch.cuda.synchronize()
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(method, data: torch.Tensor, batch: int, steps: int, warmup: int) -> tuple[float, float]:
+    """(seconds per training step after `warmup` untimed steps, seconds the warm-up took)."""
     t0 = time.perf_counter()
-    for i in range(steps):
-        step(i)
-    if method.device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps
+    for _ in range(warmup):
+        one_step(method, data, batch)
+    sync(method.device)
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        one_step(method, data, batch)
+    sync(method.device)
+    return (time.perf_counter() - t1) / steps, t1 - t0
+
+
+def step_flops(method, data: torch.Tensor, batch: int) -> int:
+    """Matrix-product and convolution FLOPs of one training step, forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        one_step(method, data, batch)
+    return counter.get_total_flops()
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, repeat: int = 10) -> float:
+    """Dense bf16 matrix-product rate of this GPU (n^3, random data), TFLOP/s: the practical peak."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * repeat / (time.perf_counter() - t0) / 1e12
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+VARIANTS = {                     # name: (config overrides, cudnn.benchmark)
+    "imgcluster": ({}, True),
+    "literal": ({}, True),
+    "contiguous": ({"memory_format": "contiguous"}, True),
+    "no-cudnn-benchmark": ({}, False),
+    "compiled": ({"compile": True}, True),
+}
 
 
 def main() -> None:
@@ -95,46 +148,80 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", nargs="+", default=["fp32"], help="fp32 and/or bf16 (autocast), each timed")
     ap.add_argument("--no-literal", action="store_true", help="skip the literal-formulation comparison")
+    ap.add_argument("--extra", nargs="+", default=[], choices=[v for v in VARIANTS if v not in ("imgcluster", "literal")],
+                    help="variants timed beside each row")
+    ap.add_argument("--flops", action="store_true", help="count FLOPs per step; achieved TFLOP/s and fraction of peak")
+    ap.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="datasheet dense bf16 TFLOP/s of the GPU [H100 / H200 SXM: 989]")
+    ap.add_argument("--archive", type=Path, default=SHARED / "cub100.tar.gz", help="CUB-100 archive")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table for RESULTS.md")
+    ap.add_argument("--json", type=Path, help="also write the rows (and the device) to this JSON file")
     args = ap.parse_args()
 
     device = torch.device(args.device)
     torch.manual_seed(0)
+    measured_peak = matmul_tflops(device) if device.type == "cuda" and args.flops else None
+    if measured_peak:
+        print(f"bf16 matrix product 8192^3: {measured_peak:.0f} TFLOP/s", file=sys.stderr, flush=True)
     rows = []
     for size, precision in [(size, p) for size in args.sizes for p in args.precision]:
-        cfg = resolve_config(({"method": args.method, "image_size": size, "clusters": args.clusters,
-                               "batch_size": args.batch_size, "precision": precision}, "bench"))
-        method = METHODS[args.method](cfg, device)
-        data = real_images(max(64, args.batch_size), METHODS[args.method].cache_size(cfg))
-        variants = [("imgcluster", False)]
-        if (size == 128 and precision == "fp32" and not args.no_literal and hasattr(method, "G")
-                and hasattr(method.G, "tex_in")):
-            variants.append(("literal", True))
-        for name, literal in variants:
-            if literal:
+        data = None
+        variants = ["imgcluster"]
+        if size == 128 and precision == "fp32" and not args.no_literal and args.method == "c3gan":
+            variants.append("literal")
+        variants += args.extra
+        for name in variants:
+            overrides, cudnn_benchmark = VARIANTS[name]
+            torch.backends.cudnn.benchmark = cudnn_benchmark
+            cfg = resolve_config(({"method": args.method, "image_size": size, "clusters": args.clusters,
+                                   "batch_size": args.batch_size, "precision": precision, **overrides}, "bench"))
+            reset_peak_memory(device)
+            method = METHODS[args.method](cfg, device)
+            if data is None:
+                data = real_images(max(64, args.batch_size), METHODS[args.method].cache_size(cfg), args.archive)
+                data = data.to(device)          # on a GPU: gathered there, as training does when the set fits
+            if name == "literal":
                 set_literal(method, True)
-            sec = time_steps(method, data, args.batch_size, args.steps, args.warmup)
-            set_literal(method, False) if literal else None
+            warmup = max(args.warmup, 3) if name == "compiled" else args.warmup
+            sec, warm_s = time_steps(method, data, args.batch_size, args.steps, warmup)
             # images/s counts real images read, as the training loop's metrics do (slcGAN: 2 batches a step)
             real_per_step = args.batch_size * getattr(method, "real_batches_per_step", 1)
-            rows.append({"method": args.method, "size": size, "variant": name, "precision": precision,
-                         "batch": args.batch_size,
-                         "s_per_step": sec, "img_per_s": real_per_step / sec,
-                         "peak_mb": peak_memory_mb(device)})
-            print(f"{args.method} {size}px {name} {precision}: {sec:.3f} s/step, {rows[-1]['img_per_s']:.1f} img/s, "
-                  f"peak {rows[-1]['peak_mb']:.0f} MB", file=sys.stderr, flush=True)
+            row = {"method": args.method, "size": size, "variant": name, "precision": precision,
+                   "batch": args.batch_size, "s_per_step": sec, "img_per_s": real_per_step / sec,
+                   "peak_mb": peak_memory_mb(device), "warmup_s": warm_s}
+            if args.flops and name == "imgcluster":
+                row["gflop_per_step"] = step_flops(method, data, args.batch_size) / 1e9
+                row["tflops"] = row["gflop_per_step"] / 1e3 / sec
+                if device.type == "cuda":
+                    row["of_measured_peak"] = row["tflops"] / measured_peak
+                    row["of_datasheet_peak"] = row["tflops"] / args.peak_tflops
+            rows.append(row)
+            flops = f", {row['tflops']:.1f} TFLOP/s" if "tflops" in row else ""
+            print(f"{args.method} {size}px {name} {precision}: {sec:.4f} s/step, {row['img_per_s']:.1f} img/s, "
+                  f"peak {row['peak_mb']:.0f} MB{flops}", file=sys.stderr, flush=True)
+            del method
+    torch.backends.cudnn.benchmark = False
 
+    dev = (torch.cuda.get_device_name(device) if device.type == "cuda"
+           else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    if args.json:
+        args.json.write_text(json.dumps({"command": "python tests/bench/train_speed.py " + " ".join(sys.argv[1:]),
+                                         "device": dev, "torch": torch.__version__, "clusters": args.clusters,
+                                         "bf16_matmul_tflops": measured_peak, "rows": rows}, indent=2))
     if args.markdown:
-        dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-        print(f"\n`python tests/bench/train_speed.py {' '.join(sys.argv[1:])}` on {dev}, torch {torch.__version__}, K = {args.clusters}\n")
-        print("| method | size | variant | precision | batch | s/step | images/s | peak memory (MB) | speed-up vs literal |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        literal = {r["size"]: r["s_per_step"] for r in rows if r["variant"] == "literal"}
+        print(f"\n`python tests/bench/train_speed.py {' '.join(sys.argv[1:])}` on {dev}, torch {torch.__version__}, K = {args.clusters}"
+              + (f"; bf16 8192^3 matrix product {measured_peak:.0f} TFLOP/s" if measured_peak else "") + "\n")
+        print("| method | size | variant | precision | batch | s/step | images/s | peak memory (MB) | speed-up vs literal "
+              "| GFLOP/step | TFLOP/s | of measured bf16 peak | of datasheet bf16 peak |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        literal = {(r["size"], r["precision"]): r["s_per_step"] for r in rows if r["variant"] == "literal"}
         for r in rows:
-            ratio = (f"{literal[r['size']] / r['s_per_step']:.2f}x"
-                     if r["size"] in literal and r["variant"] != "literal" and r["precision"] == "fp32" else "")
-            print(f"| {r['method']} | {r['size']} | {r['variant']} | {r['precision']} | {r['batch']} | {r['s_per_step']:.3f} | "
-                  f"{r['img_per_s']:.1f} | {r['peak_mb']:.0f} | {ratio} |")
+            key = (r["size"], r["precision"])
+            ratio = f"{literal[key] / r['s_per_step']:.2f}x" if key in literal and r["variant"] == "imgcluster" else ""
+            extra = [f"{r[k]:.1f}" if k in r else "" for k in ("gflop_per_step", "tflops")]
+            extra += [f"{100 * r[k]:.1f} %" if k in r else "" for k in ("of_measured_peak", "of_datasheet_peak")]
+            print(f"| {r['method']} | {r['size']} | {r['variant']} | {r['precision']} | {r['batch']} | {r['s_per_step']:.4f} | "
+                  f"{r['img_per_s']:.1f} | {r['peak_mb']:.0f} | {ratio} | {' | '.join(extra)} |")
 
 
 if __name__ == "__main__":

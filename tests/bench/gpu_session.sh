@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Every GPU check and figure of one short GPU lease, run on the GPU machine from the repository root.
+#
+#   OUT=/some/dir bash tests/bench/gpu_session.sh speed               # CUDA tests, training speed, FLOPs
+#   OUT=/some/dir STEPS=3000 bash tests/bench/gpu_session.sh quality   # CUB-100 at 128 px, assign, compile
+#
+# Needs .gpu/cub100.tar.gz (a copy of ../shared/data/cub100.tar.gz) and, for the "before" rows, the code
+# before issue 5 unpacked in .gpu/before (`git archive 9c5d4cb | tar -x -C .gpu/before`). Writes
+# $OUT/session.log and $OUT/results.tgz (JSON and Markdown of every bench, the run's metrics and pictures),
+# re-packed after each step so a run stopped at its time limit still returns what it finished.
+# The numbers in tests/bench/RESULTS.md ("Training on one GPU") come from this script.
+set -u
+stage=${1:?speed or quality}
+: "${OUT:?set OUT to the folder for the results}"
+WORK=${WORK:-/tmp/imgcluster-gpu}
+R=$WORK/results
+mkdir -p "$R" "$OUT"
+export PYTHONUNBUFFERED=1 IMGCLUSTER_CACHE=$WORK/cache
+exec > >(tee -a "$OUT/session.log") 2>&1
+t0=$(date +%s)
+say() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
+pack() { tar czf "$OUT/results.tgz" -C "$R" . ; }
+bench=(python3 tests/bench/train_speed.py --device cuda --archive .gpu/cub100.tar.gz)
+
+say "install"
+if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >"$WORK/install.log" 2>&1; then
+    tail -3 "$WORK/install.log"; echo "pip install failed: running from the tree"
+    ln -sfn ../presets imgcluster/presets
+    export PYTHONPATH=$PWD
+fi
+python3 -c "import torch, imgcluster; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), imgcluster.__file__)"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+
+if [ "$stage" = speed ]; then
+    say "CUDA tests"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -15
+    say "speed: c3gan, 32/64/128 px, fp32 and bf16, FLOPs"
+    timeout 120 "${bench[@]}" --method c3gan --sizes 32 64 128 --precision fp32 bf16 --batch-size 64 --steps 20 --warmup 5 \
+        --flops --json "$R/speed-c3gan.json" --markdown >"$R/speed-c3gan.md"; pack
+    say "speed: slcgan, 32/64/128 px, fp32 and bf16, FLOPs"
+    timeout 150 "${bench[@]}" --method slcgan --sizes 32 64 128 --precision fp32 bf16 --batch-size 64 --steps 10 --warmup 3 \
+        --flops --json "$R/speed-slcgan.json" --markdown >"$R/speed-slcgan.md"; pack
+    say "speed: what channels_last and cudnn.benchmark give at 128 px bf16"
+    timeout 60 "${bench[@]}" --method c3gan --sizes 128 --precision bf16 --batch-size 64 --steps 20 --warmup 5 \
+        --extra contiguous no-cudnn-benchmark --json "$R/variants-c3gan.json" --markdown >"$R/variants-c3gan.md"
+    timeout 90 "${bench[@]}" --method slcgan --sizes 128 --precision bf16 --batch-size 64 --steps 10 --warmup 3 \
+        --extra contiguous no-cudnn-benchmark --json "$R/variants-slcgan.json" --markdown >"$R/variants-slcgan.md"; pack
+    say "speed before issue 5 (commit 9c5d4cb: batches copied from the host each step, fp32 only, random pixels)"
+    for m in c3gan slcgan; do
+        steps=20; [ $m = slcgan ] && steps=10
+        PYTHONPATH=.gpu/before timeout 120 python3 .gpu/before/tests/bench/train_speed.py --method $m --device cuda \
+            --sizes 32 64 128 --batch-size 64 --steps $steps --warmup 3 --no-literal --markdown >"$R/before-$m.md"
+        pack
+    done
+    cat "$R"/*.md
+fi
+
+if [ "$stage" = quality ]; then
+    say "CUB-100 at 128 px, c3gan-128, K = 100, ${STEPS:?set STEPS} steps, against k-means in the same run"
+    mkdir -p "$WORK/data" && tar xzf .gpu/cub100.tar.gz -C "$WORK/data"
+    timeout "${QUALITY_TIMEOUT:-420}" python3 tests/bench/quality.py --folder "$WORK/data/cub100/images" --size 128 \
+        --clusters 100 --preset c3gan-128 --steps "$STEPS" --device cuda --work "$WORK/q" --out "$R/quality" --seeds 0
+    run=$(ls -d "$WORK"/q/runs/cub100-c3gan-128-128-s0 2>/dev/null)
+    if [ -n "$run" ]; then
+        mkdir -p "$R/cub-run"
+        cp "$run/config.yaml" "$run/metrics.jsonl" "$R/cub-run/" 2>/dev/null
+        cp "$(ls "$run"/samples/*.png | tail -1)" "$R/cub-run/" 2>/dev/null
+        cp "$run"/sheets/cluster-00[0-3].png "$R/cub-run/" 2>/dev/null
+        pack
+        say "assign of the 5,902 files with a warm cache"
+        /usr/bin/time -f "assign wall %e s, peak RSS %M KB" python3 -m imgcluster assign "$run" -o "$WORK/a.csv" --device cuda --quiet
+        say "the same files decoded by the cache builder alone (cold cache, all cores)"
+        rm -rf "$WORK/cache2"
+        IMGCLUSTER_CACHE=$WORK/cache2 /usr/bin/time -f "cold assign wall %e s" python3 -m imgcluster assign "$run" -o "$WORK/a2.csv" --device cuda --quiet
+    fi
+    pack
+    left=$(( ${DEADLINE_S:-560} - ($(date +%s) - t0) ))
+    if [ "$left" -gt 60 ]; then
+        say "torch.compile at 128 px bf16 ($left s left)"
+        timeout "$left" "${bench[@]}" --method c3gan --sizes 128 --precision bf16 --batch-size 64 --steps 20 --warmup 5 \
+            --no-literal --extra compiled --json "$R/compiled-c3gan.json" --markdown >"$R/compiled-c3gan.md"
+    fi
+    pack
+    cat "$R"/quality/*.md "$R"/compiled-c3gan.md 2>/dev/null
+fi
+say "done"

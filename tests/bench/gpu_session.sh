@@ -3,6 +3,10 @@
 #
 #   OUT=/some/dir bash tests/bench/gpu_session.sh speed               # CUDA tests, training speed, FLOPs
 #   OUT=/some/dir STEPS=3000 bash tests/bench/gpu_session.sh quality   # CUB-100 at 128 px, assign, compile
+#   OUT=/some/dir DEADLINE_S=540 bash tests/bench/gpu_session.sh all   # both; the CUB run gets the time left
+#
+# Without STEPS, the CUB run's step count is what fits before DEADLINE_S (seconds from the start of the
+# script), at the 128 px bf16 step time the speed stage measured.
 #
 # Needs .gpu/cub100.tar.gz (a copy of ../shared/data/cub100.tar.gz) and, for the "before" rows, the code
 # before issue 5 unpacked in .gpu/before (`git archive 9c5d4cb | tar -x -C .gpu/before`). Writes
@@ -10,7 +14,7 @@
 # re-packed after each step so a run stopped at its time limit still returns what it finished.
 # The numbers in tests/bench/RESULTS.md ("Training on one GPU") come from this script.
 set -u
-stage=${1:?speed or quality}
+stage=${1:?speed, quality or all}
 : "${OUT:?set OUT to the folder for the results}"
 WORK=${WORK:-/tmp/imgcluster-gpu}
 R=$WORK/results
@@ -31,7 +35,7 @@ fi
 python3 -c "import torch, imgcluster; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), imgcluster.__file__)"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 
-if [ "$stage" = speed ]; then
+if [ "$stage" = speed ] || [ "$stage" = all ]; then
     say "CUDA tests"
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -15
     say "speed: c3gan, 32/64/128 px, fp32 and bf16, FLOPs"
@@ -45,6 +49,9 @@ if [ "$stage" = speed ]; then
         --extra contiguous no-cudnn-benchmark --json "$R/variants-c3gan.json" --markdown >"$R/variants-c3gan.md"
     timeout 90 "${bench[@]}" --method slcgan --sizes 128 --precision bf16 --batch-size 64 --steps 10 --warmup 3 \
         --extra contiguous no-cudnn-benchmark --json "$R/variants-slcgan.json" --markdown >"$R/variants-slcgan.md"; pack
+    say "speed: torch.compile at 128 px bf16 (its first steps, the compilation, reported apart)"
+    timeout 100 "${bench[@]}" --method c3gan --sizes 128 --precision bf16 --batch-size 64 --steps 20 --warmup 5 \
+        --no-literal --extra compiled --json "$R/compiled-c3gan.json" --markdown >"$R/compiled-c3gan.md"; pack
     say "speed before issue 5 (commit 9c5d4cb: batches copied from the host each step, fp32 only, random pixels)"
     for m in c3gan slcgan; do
         steps=20; [ $m = slcgan ] && steps=10
@@ -55,10 +62,20 @@ if [ "$stage" = speed ]; then
     cat "$R"/*.md
 fi
 
-if [ "$stage" = quality ]; then
-    say "CUB-100 at 128 px, c3gan-128, K = 100, ${STEPS:?set STEPS} steps, against k-means in the same run"
+if [ "$stage" = quality ] || [ "$stage" = all ]; then
+    deadline=${DEADLINE_S:-560}
+    if [ -z "${STEPS:-}" ]; then
+        # 150 s for everything around the training: k-means, cache, selection, assign, sheets, the two assigns
+        STEPS=$(python3 -c "
+import json, sys
+rows = json.load(open('$R/speed-c3gan.json'))['rows']
+sec = next(r['s_per_step'] for r in rows if (r['size'], r['precision'], r['variant']) == (128, 'bf16', 'imgcluster'))
+budget = $deadline - $(( $(date +%s) - t0 )) - 150
+print(max(200, min(150000, int(budget / (sec * 1.15)) // 100 * 100)))")
+    fi
+    say "CUB-100 at 128 px, c3gan-128, K = 100, ${STEPS:?no step count} steps, against k-means in the same run"
     mkdir -p "$WORK/data" && tar xzf .gpu/cub100.tar.gz -C "$WORK/data"
-    timeout "${QUALITY_TIMEOUT:-420}" python3 tests/bench/quality.py --folder "$WORK/data/cub100/images" --size 128 \
+    timeout $(( deadline - ($(date +%s) - t0) - 30 )) python3 tests/bench/quality.py --folder "$WORK/data/cub100/images" --size 128 \
         --clusters 100 --preset c3gan-128 --steps "$STEPS" --device cuda --work "$WORK/q" --out "$R/quality" --seeds 0
     run=$(ls -d "$WORK"/q/runs/cub100-c3gan-128-128-s0 2>/dev/null)
     if [ -n "$run" ]; then
@@ -68,19 +85,13 @@ if [ "$stage" = quality ]; then
         cp "$run"/sheets/cluster-00[0-3].png "$R/cub-run/" 2>/dev/null
         pack
         say "assign of the 5,902 files with a warm cache"
-        /usr/bin/time -f "assign wall %e s, peak RSS %M KB" python3 -m imgcluster assign "$run" -o "$WORK/a.csv" --device cuda --quiet
-        say "the same files decoded by the cache builder alone (cold cache, all cores)"
-        rm -rf "$WORK/cache2"
-        IMGCLUSTER_CACHE=$WORK/cache2 /usr/bin/time -f "cold assign wall %e s" python3 -m imgcluster assign "$run" -o "$WORK/a2.csv" --device cuda --quiet
+        TIMEFORMAT="assign, warm cache: %R s"
+        time python3 -m imgcluster assign "$run" -o "$WORK/a.csv" --device cuda --quiet
+        say "assign of the same files with a cold cache (decoding on all cores, the model alongside)"
+        TIMEFORMAT="assign, cold cache: %R s"
+        time IMGCLUSTER_CACHE=$WORK/cache2 python3 -m imgcluster assign "$run" -o "$WORK/a2.csv" --device cuda --quiet
     fi
     pack
-    left=$(( ${DEADLINE_S:-560} - ($(date +%s) - t0) ))
-    if [ "$left" -gt 60 ]; then
-        say "torch.compile at 128 px bf16 ($left s left)"
-        timeout "$left" "${bench[@]}" --method c3gan --sizes 128 --precision bf16 --batch-size 64 --steps 20 --warmup 5 \
-            --no-literal --extra compiled --json "$R/compiled-c3gan.json" --markdown >"$R/compiled-c3gan.md"
-    fi
-    pack
-    cat "$R"/quality/*.md "$R"/compiled-c3gan.md 2>/dev/null
+    cat "$R"/quality/*.md 2>/dev/null
 fi
 say "done"

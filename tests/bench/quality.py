@@ -68,7 +68,8 @@ def kmeans_baseline(folder: Path, size: int, seed: int) -> dict:
     t0 = time.perf_counter()
     images = load_image_set(folder, size, files=scan_folder(folder))
     good = images.good_indices
-    labels = [folder_labels(images.files)[i] for i in good]
+    all_labels = folder_labels(images.files)
+    labels = [all_labels[i] for i in good]
     x = np.asarray(images.images[good], dtype=np.float32).reshape(len(good), -1) / 255.0
     k = len(set(labels))
     feats = PCA(n_components=50, random_state=seed).fit_transform(x)

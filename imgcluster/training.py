@@ -238,8 +238,6 @@ def train(cfg: TrainConfig, run: RunDir, images: ImageSet, device: torch.device,
     from imgcluster.selection import Selector
 
     main, world = distributed.is_main(), distributed.world_size()
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True      # fixed shapes: cuDNN times its algorithms once per shape
     torch.manual_seed(cfg.seed)
     method = METHODS[cfg.method](cfg, device)          # equal initial weights on every rank
     if not main:

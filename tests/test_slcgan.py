@@ -386,3 +386,30 @@ def test_cli_train_slcgan_then_evaluate(mnist_200, tmp_path):
 
     result = run("generate", out, "--cluster", 3, "-n", 2, "-o", tmp_path / "c3.png")
     assert result.exit_code == 0 and (tmp_path / "c3.png").is_file()
+
+
+@pytest.mark.parametrize("method_name", ["c3gan", "slcgan"])
+def test_model_loaded_for_inference_equals_the_saved_one(method_name, tmp_path):
+    """load_model builds the networks on the meta device (no initialisation) and allocates them before
+    loading: every parameter and buffer must come from the file, so none may be left out of the state
+    dict (a non-persistent buffer would stay uninitialised), and the loaded model must be the saved one."""
+    cfg = tiny_config(method_name, clusters=6, **({"ema": True} if method_name == "slcgan" else {}))
+    torch.manual_seed(0)
+    method = METHODS[method_name](cfg, CPU)
+    data = real_data(cfg, batches=per_step(method))
+    method.train_step(data)                            # weights and BatchNorm statistics away from their init
+    method.recalibrate(data.split(cfg.batch_size))
+    run = RunDir(tmp_path / "run")
+    run.make()
+    save_config(run, cfg)
+    save_model(run, method, cfg, 1)
+    _, loaded = load_model(run, CPU)
+    for name, net in loaded.networks().items():
+        original = method.networks()[name]
+        assert set(dict(net.named_buffers())) <= set(net.state_dict()), f"{name}: a buffer the file does not hold"
+        tensors = {**dict(original.named_parameters()), **dict(original.named_buffers())}
+        for key, value in {**dict(net.named_parameters()), **dict(net.named_buffers())}.items():
+            assert value.device == CPU and torch.equal(value, tensors[key]), f"{name}.{key}"
+    c1, p1 = method.assign(data)
+    c2, p2 = loaded.assign(data)
+    assert torch.equal(c1, c2) and torch.equal(p1, p2)

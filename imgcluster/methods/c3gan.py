@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from imgcluster import augment
 from imgcluster.config import ConfigError
-from imgcluster.methods.common import cached_side, eval_view, recalibrate_batchnorm, training_handle
+from imgcluster.methods.common import (building, cached_side, eval_view, place, recalibrate_batchnorm,
+                                      training_handle)
 from imgcluster.losses import entropy_regulariser, hinge_d, hinge_g, mask_regulariser, nt_xent
 from imgcluster.models.c3gan import C3GANConfig, Discriminator, Generator, init_weights
 from imgcluster.precision import autocast, resolve_precision
@@ -63,14 +64,16 @@ class C3GAN:
     clusterer = "D"                # the network `assign` and `recalibrate` use (its semantic head)
 
     def __init__(self, cfg, device: torch.device, *, training: bool = True):
-        """`training=False` (a model loaded for inference): the weights come from a file, so no
-        initialisation, no optimizers and no training handles; only the networks."""
+        """`training=False` (a model loaded for inference): the weights come from a file, so the networks
+        are allocated but not initialised (built on the meta device), and there are no optimizers and no
+        training handles."""
         s: C3GANSettings = cfg.method_settings
         self.cfg, self.s, self.device = cfg, s, device
         self.net_cfg = C3GANConfig(image_size=cfg.image_size, clusters=cfg.clusters, z_dim=s.z_dim,
                                    c_dim=s.c_dim, ngf=s.ngf, ndf=s.ndf, h_dim=s.h_dim, tau=s.tau)
-        self.G = Generator(self.net_cfg).to(device)
-        self.D = Discriminator(self.net_cfg).to(device)
+        with building(training):
+            G, D = Generator(self.net_cfg), Discriminator(self.net_cfg)
+        self.G, self.D = place(G, device), place(D, device)
         self.amp = resolve_precision(cfg.precision, device)
         if not training:
             return

@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+
 import torch
 import torch.nn as nn
 
 from imgcluster import augment, distributed
 from imgcluster.precision import resolve_memory_format
+
+
+def building(training: bool):
+    """The context networks are created in. For training, as usual (allocated and initialised). For a
+    model whose weights come from a file, on the meta device: nothing is allocated or initialised, which
+    for slcgan-128 saves about 15 s of orthogonal initialisation on a CPU. `place` then allocates them."""
+    return contextlib.nullcontext() if training else torch.device("meta")
+
+
+def place(net: nn.Module, device: torch.device) -> nn.Module:
+    """`net` on `device`: moved there, or, if it was built on the meta device, allocated there
+    uninitialised (every parameter and buffer must then be loaded, see rundir.load_model)."""
+    if any(t.is_meta for t in itertools.chain(net.parameters(), net.buffers())):
+        return net.to_empty(device=device)
+    return net.to(device)
 
 
 def training_handle(net: nn.Module, cfg, device: torch.device) -> nn.Module:

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from imgcluster import augment
 from imgcluster.config import ConfigError
-from imgcluster.methods.common import cached_side, eval_view, recalibrate_batchnorm, training_handle
+from imgcluster.methods.common import (building, cached_side, eval_view, place, recalibrate_batchnorm,
+                                      training_handle)
 from imgcluster.losses import hinge_d_split, hinge_g_split, multiview_consistency
 from imgcluster.models.slcgan import Discriminator, Generator, SlcGANConfig, build_clusterer
 from imgcluster.precision import autocast, resolve_precision
@@ -72,16 +73,17 @@ class SlcGAN:
     real_batches_per_step = 2
 
     def __init__(self, cfg, device: torch.device, *, training: bool = True):
-        """`training=False` (a model loaded for inference): the weights come from a file, so no
-        optimizers and no training handles; only the networks."""
+        """`training=False` (a model loaded for inference): the weights come from a file, so the networks
+        are allocated but not initialised (built on the meta device), and there are no optimizers and no
+        training handles."""
         s: SlcGANSettings = cfg.method_settings
         self.cfg, self.s, self.device = cfg, s, device
         self.real_batches_per_step = s.d_steps
         self.net_cfg = SlcGANConfig(image_size=cfg.image_size, clusters=cfg.clusters, z_dim=s.z_dim,
                                     ch=s.ch, embed_dim=s.embed_dim, c_width=s.c_width)
-        self.G = Generator(self.net_cfg).to(device)
-        self.D = Discriminator(self.net_cfg).to(device)
-        self.C = build_clusterer(self.net_cfg).to(device)
+        with building(training):
+            G, D, C = Generator(self.net_cfg), Discriminator(self.net_cfg), build_clusterer(self.net_cfg)
+        self.G, self.D, self.C = place(G, device), place(D, device), place(C, device)
         self.amp = resolve_precision(cfg.precision, device)
         self.G_ema = None
         if s.ema:

@@ -210,9 +210,8 @@ class Discriminator(nn.Module):
             conv3x3(top, top), nn.BatchNorm2d(top), nn.LeakyReLU(0.2, inplace=True),
             nn.Conv2d(top, cfg.h_dim, 4, 4, bias=False),                 # h: 4x4 -> 1x1
         )
-        # Centroids l = psi_c(I_K): a Linear(K -> h_dim) applied to the identity.
+        # Centroids l = psi_c(I_K): a Linear(K -> h_dim) applied to the identity (see centroid_vectors).
         self.centroids = nn.Linear(cfg.clusters, cfg.h_dim)
-        self.register_buffer("eye", torch.eye(cfg.clusters), persistent=False)
         self.loop_logits = False        # literal per-cluster loop in cluster_logits (benchmarks only)
 
     def forward(self, x):
@@ -221,13 +220,18 @@ class Discriminator(nn.Module):
         h = self.sem_head(feats).flatten(1)                               # (B, h_dim)
         return r, h
 
+    def centroid_vectors(self) -> torch.Tensor:
+        """psi_c(I_K), (K, h_dim): the Linear applied to the identity is its weight, transposed, plus its
+        bias (row k = psi_c(e_k)), computed without the K x K identity."""
+        return self.centroids.weight.t() + self.centroids.bias
+
     @fp32                                 # cosine / small tau: no bf16 here
     def cluster_logits(self, h, loop: bool | None = None):
         """eq. 3: cosine similarity to every centroid / tau, (B, K).
 
         `loop=True` computes one cluster at a time, as a literal reading of eq. 3 (benchmarks only).
         """
-        centroids = F.normalize(self.centroids(self.eye), dim=1)         # (K, h_dim)
+        centroids = F.normalize(self.centroid_vectors(), dim=1)           # (K, h_dim)
         h = F.normalize(h, dim=1)
         if self.loop_logits if loop is None else loop:
             return torch.stack([h @ centroids[k] for k in range(centroids.shape[0])], dim=1) / self.cfg.tau

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check and figure of one short GPU lease, run on the GPU machine from the repository root.
 #
-#   OUT=/some/dir bash tests/bench/gpu_session.sh speed               # CUDA tests, training speed, FLOPs
-#   OUT=/some/dir STEPS=3000 bash tests/bench/gpu_session.sh quality   # CUB-100 at 128 px, assign, compile
+#   OUT=/some/dir bash tests/bench/gpu_session.sh speed               # CUDA tests, speed, FLOPs, compile
+#   OUT=/some/dir STEPS=3000 bash tests/bench/gpu_session.sh quality   # CUB-100 at 128 px, then assign
 #   OUT=/some/dir DEADLINE_S=540 bash tests/bench/gpu_session.sh all   # both; the CUB run gets the time left
 #
 # Without STEPS, the CUB run's step count is what fits before DEADLINE_S (seconds from the start of the

@@ -38,6 +38,7 @@ def score(method, data: Batches, labels: list[str], clusters: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", dest="dataset", default="mnist", help="a ../shared/data archive name")
+    ap.add_argument("--folder", type=Path, help="a labelled folder (one sub-folder per class) instead of --set")
     ap.add_argument("--prefix", default="test_", help="only files whose name starts with this")
     ap.add_argument("--limit", type=int, default=0, help="a random subset of this many files (0: all)")
     ap.add_argument("--preset", default="slcgan-32-cpu")
@@ -49,9 +50,10 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=None, help="stop (with a score) after this long")
     ap.add_argument("--set-option", dest="options", action="append", default=[], help="key=value, as train --set")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "imgcluster-bench")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     a = ap.parse_args()
 
-    folder = unpack(a.dataset, a.prefix, a.work / f"{a.dataset}-{a.prefix or 'all'}")
+    folder = a.folder or unpack(a.dataset, a.prefix, a.work / f"{a.dataset}-{a.prefix or 'all'}")
     flags = {"image_size": a.size, "clusters": a.clusters, "seed": a.seed}
     if a.steps:
         flags["steps"] = a.steps
@@ -63,24 +65,26 @@ def main() -> None:
     images = load_image_set(folder, method_class.cache_size(cfg), files=files)
     all_labels = folder_labels(images.files)
     labels = [all_labels[i] for i in images.good_indices]
-    print(f"# {a.dataset} {len(labels)} images; {cfg.to_dict()}", flush=True)
+    print(f"# {a.folder or a.dataset} {len(labels)} images; {cfg.to_dict()}", flush=True)
 
     torch.manual_seed(cfg.seed)
-    device = torch.device("cpu")
+    device = torch.device(a.device)
     method = method_class(cfg, device)
     data = Batches(images, device)
     per_step = getattr(method, "real_batches_per_step", 1)
     t0, sums, count = time.perf_counter(), {}, 0
     for step in range(1, cfg.steps + 1):
         out = method.train_step(data.get(step_indices(step - 1, len(data), cfg.batch_size, cfg.seed, per_step)))
-        for key, value in out.items():
-            sums[key] = sums.get(key, 0.0) + float(value)
+        for key, value in out.items():                    # tensors: read back only when printed
+            sums[key] = sums[key] + value if key in sums else value
         count += 1
         over = a.minutes is not None and time.perf_counter() - t0 > a.minutes * 60
         if step % a.every == 0 or step == cfg.steps or over:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             train_s = time.perf_counter() - t0
             r = score(method, data, labels, cfg.clusters)
-            losses = " ".join(f"{k} {v / count:.3f}" for k, v in sums.items())
+            losses = " ".join(f"{k} {float(v) / count:.3f}" for k, v in sums.items())
             print(f"step {step} minutes {train_s / 60:.1f} acc {r['acc']:.3f} nmi {r['nmi']:.3f} "
                   f"used {r['clusters_used']} | {losses}", flush=True)
             t0 += time.perf_counter() - t0 - train_s          # scoring time does not count

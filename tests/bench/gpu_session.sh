@@ -4,11 +4,17 @@
 #   OUT=/some/dir bash tests/bench/gpu_session.sh speed               # CUDA tests, speed, FLOPs, compile
 #   OUT=/some/dir STEPS=3000 bash tests/bench/gpu_session.sh quality   # CUB-100 at 128 px, then assign
 #   OUT=/some/dir DEADLINE_S=540 bash tests/bench/gpu_session.sh all   # both; the CUB run gets the time left
+#   OUT=/some/dir MINUTES=7.5 bash tests/bench/gpu_session.sh curves    # learning curves against labels, side by side
 #
 # Without STEPS, the CUB run's step count is what fits before DEADLINE_S (seconds from the start of the
 # script), at the 128 px bf16 step time the speed stage measured; under 500 steps it is skipped.
 # Seen on an H200 (2026-11-28): the speed stage took 458 s (torch.compile alone 82 s); the quality stage
 # with STEPS=2000 took 245 s. A 15-minute lease holds both only with STEPS given and a trimmed speed stage.
+#
+# The curves stage runs three tests/bench/curve.py processes at once on the one GPU, each for MINUTES of
+# training (scoring not counted): CUB-100 at 128 px with c3gan-128, and the 10,000 MNIST test images at 32 px
+# with slcgan-32-cpu as it is and at a wider C, G and D; each is scored against the labels every 1,000 steps.
+# Needs .gpu/mnist-test.tar.gz (mnist/images/CLASS/test_*.png, as quality.py unpacks them) besides the CUB archive.
 #
 # Needs .gpu/cub100.tar.gz (a copy of ../shared/data/cub100.tar.gz) and, for the "before" rows, the code
 # before issue 5 unpacked in .gpu/before (`git archive 9c5d4cb | tar -x -C .gpu/before`). Writes
@@ -98,5 +104,22 @@ if [ "$stage" = quality ] || [ "$stage" = all ]; then
     fi
     pack
     cat "$R"/quality/*.md 2>/dev/null
+fi
+if [ "$stage" = curves ]; then
+    minutes=${MINUTES:-7.5}
+    mkdir -p "$WORK/data" && tar xzf .gpu/cub100.tar.gz -C "$WORK/data" && tar xzf .gpu/mnist-test.tar.gz -C "$WORK/data"
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 30 >"$OUT/smi.log" 2>&1 &
+    smi=$!
+    curve=(timeout $(( ${minutes%.*} * 60 + 150 )) python3 tests/bench/curve.py --device cuda --every 1000 --minutes "$minutes")
+    say "curves: CUB-100 c3gan-128 (bf16); MNIST slcgan-32-cpu (fp32); MNIST slcgan-32-cpu, wider (fp32); side by side"
+    "${curve[@]}" --folder "$WORK/data/cub100/images" --size 128 --clusters 100 --preset c3gan-128 >"$OUT/curve-cub100-c3gan-128.log" 2>&1 &
+    "${curve[@]}" --folder "$WORK/data/mnist/images" --preset slcgan-32-cpu --steps 100000 --set-option precision=fp32 \
+        >"$OUT/curve-mnist-slcgan-32-cpu.log" 2>&1 &
+    "${curve[@]}" --folder "$WORK/data/mnist/images" --preset slcgan-32-cpu --steps 100000 --set-option precision=fp32 \
+        --set-option slcgan.ch=64 --set-option slcgan.c_width=64 --set-option slcgan.z_dim=128 --set-option slcgan.embed_dim=128 \
+        >"$OUT/curve-mnist-slcgan-32-cpu-wide.log" 2>&1 &
+    wait %2 %3 %4
+    kill $smi
+    tail -n 4 "$OUT"/curve-*.log
 fi
 say "done"

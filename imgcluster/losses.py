@@ -5,8 +5,6 @@ Every term runs in fp32, also inside a bf16 autocast region (`precision.fp32`).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -49,20 +47,9 @@ def entropy_regulariser(logits: torch.Tensor) -> torch.Tensor:
     """
     q = logits.softmax(dim=1)
     per_image = -(q * logits.log_softmax(dim=1)).sum(dim=1).mean()
-    return per_image - _marginal_entropy(q)
-
-
-def _marginal_entropy(q: torch.Tensor) -> torch.Tensor:
-    """H(mean q) of a batch of distributions q (B, K)."""
     q_mean = q.mean(dim=0)
-    return -(q_mean * q_mean.clamp_min(1e-12).log()).sum()
-
-
-@fp32
-def balance_gap(logits: torch.Tensor) -> torch.Tensor:
-    """log K - H(mean q), q = softmax(logits) (B, K): 0 when the batch spreads evenly over the K clusters,
-    log K when every image goes to one. Not in slcGAN's paper (see SlcGANSettings.w_balance)."""
-    return math.log(logits.shape[1]) - _marginal_entropy(logits.softmax(dim=1))
+    marginal = -(q_mean * q_mean.clamp_min(1e-12).log()).sum()
+    return per_image - marginal
 
 
 @fp32

@@ -11,13 +11,11 @@ import torch.nn.functional as F
 import yaml
 from typer.testing import CliRunner
 
-from imgcluster import augment
 from imgcluster.augment import to_float
 from imgcluster.cli import app
 from imgcluster.config import ConfigError, load_preset, resolve_config
-from imgcluster.losses import balance_gap, hinge_d_split, hinge_g_split, multiview_consistency
+from imgcluster.losses import hinge_d_split, hinge_g_split, multiview_consistency
 from imgcluster.methods import METHODS
-from imgcluster.methods.slcgan import SlcGANSettings
 from imgcluster.models.slcgan import Discriminator, Generator, SlcGANConfig, build_clusterer
 from imgcluster.rundir import RunDir, load_model, save_config, save_model
 from imgcluster.training import batch_indices, load_checkpoint, sample_grid, save_checkpoint, step_indices
@@ -151,39 +149,6 @@ def test_multiview_consistency_by_hand():
     assert torch.autograd.grad(multiview_consistency(p_logits, q_logits), q_logits)[0].abs().sum() > 0
     loss = multiview_consistency(p_logits.requires_grad_(True), q_logits, detach_target=True)
     assert torch.autograd.grad(loss, q_logits, allow_unused=True)[0] is None
-
-
-def test_balance_gap_by_hand():
-    k = 4
-    assert balance_gap(torch.zeros(6, k)).item() == pytest.approx(0.0, abs=1e-6)            # every image uniform
-    assert balance_gap(torch.eye(k) * 50).item() == pytest.approx(0.0, abs=1e-5)             # one image per cluster
-    collapsed = torch.zeros(6, k)
-    collapsed[:, 2] = 50
-    assert balance_gap(collapsed).item() == pytest.approx(math.log(k), abs=1e-5)             # all in one cluster
-    half = torch.tensor([[50.0, 0, 0, 0], [0, 50.0, 0, 0]]).repeat(3, 1)                      # two clusters of four
-    assert balance_gap(half).item() == pytest.approx(math.log(k) - math.log(2), abs=1e-5)
-
-
-def test_c_balance_term_is_off_by_default_and_spreads_a_collapsed_batch():
-    assert SlcGANSettings().w_balance == 0.0                                                  # the paper
-    torch.manual_seed(0)
-    real = to_float(real_data(tiny_config(batch_size=8)))
-    gaps = {}
-    for w in (0.0, 5.0):
-        torch.manual_seed(0)
-        m = METHODS["slcgan"](tiny_config(batch_size=8, w_balance=w, w_adv=0.0, w_aug=0.0), CPU)
-        with torch.no_grad():                     # C puts everything in cluster 0
-            m.C.fc.bias.copy_(torch.tensor([6.0] + [0.0] * (m.cfg.clusters - 1)))
-        out = {}
-        for _ in range(5):
-            out = m.c_step(real)
-        assert ("c_balance" in out) == bool(w)
-        m.C.train()
-        with torch.no_grad():
-            gaps[w] = balance_gap(m.C(augment.weak_view(real, m.cfg.image_size))).item()
-    assert gaps[5.0] < gaps[0.0] - 0.1
-    with pytest.raises(ConfigError, match="slcgan.w_balance"):
-        tiny_config(w_balance=-1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from imgcluster import augment
 from imgcluster.config import ConfigError
 from imgcluster.methods.common import (building, cached_side, eval_view, place, recalibrate_batchnorm,
                                       training_handle)
-from imgcluster.losses import balance_gap, hinge_d_split, hinge_g_split, multiview_consistency
+from imgcluster.losses import hinge_d_split, hinge_g_split, multiview_consistency
 from imgcluster.models.slcgan import Discriminator, Generator, SlcGANConfig, build_clusterer
 from imgcluster.precision import autocast, resolve_precision
 
@@ -38,12 +38,8 @@ class SlcGANSettings:
     w_mi: float = 1.0                # lambda_2: CE(C(G(z, c)), c), eq. 4
     w_aug: float = 1.0               # lambda_3: multi-view consistency, eq. 5
     aug_detach_target: bool = False  # eq. 5 with q = softmax(C(T(x))) as a fixed target (see c_step)
-    # Not in the paper: C also minimises log K - H(batch mean of softmax(C(x))), so that it cannot put the
-    # batch into a few clusters. Eq. 5 is lowest when C does exactly that, and C's adversarial term pushes
-    # every image towards the one embedding D scores lowest; on MNIST C collapsed to 1-2 clusters for
-    # thousands of steps (tests/bench/RESULTS.md). 0 = the paper.
-    w_balance: float = 0.0
     crop_scale: tuple[float, float] = (0.2, 1.0)  # T: RandomResizedCrop area range
+    flip: bool = True                # horizontal flips in T and in the real views (paper: T flips)
     ema: bool = False                # keep an exponential moving average of G for sampling
     ema_decay: float = 0.9999
     ema_start: int = 1000            # G steps before averaging starts (the copy follows G until then)
@@ -65,8 +61,6 @@ class SlcGANSettings:
             raise ConfigError(f"slcgan.ema_decay: must be in [0, 1), got {self.ema_decay}")
         if self.ema_start < 0:
             raise ConfigError(f"slcgan.ema_start: must be at least 0, got {self.ema_start}")
-        if self.w_balance < 0:
-            raise ConfigError(f"slcgan.w_balance: must be at least 0, got {self.w_balance}")
         if self.load_ratio < 1:
             raise ConfigError(f"slcgan.load_ratio: must be at least 1, got {self.load_ratio}")
 
@@ -130,12 +124,12 @@ class SlcGAN:
         """T(x) of eq. 5: random resized crop, flip, colour jitter (the paper's cropping, colour jittering
         and flipping), drawn from the cached image, (B, 3, S, S)."""
         x = augment.random_resized_crop(real, self.cfg.image_size, scale=self.s.crop_scale)
-        return augment.color_jitter(augment.random_flip(x))
+        return augment.color_jitter(augment.random_flip(x) if self.s.flip else x)
 
     def d_step(self, real: torch.Tensor) -> dict:
         """Algorithm 1 lines 10-15 on one real batch (B, 3, S0, S0) in [-1, 1]; only D is updated."""
         batch = real.shape[0]
-        x = augment.weak_view(real, self.cfg.image_size)                  # (B, 3, S, S)
+        x = augment.weak_view(real, self.cfg.image_size, flip=self.s.flip)    # (B, 3, S, S)
         with autocast(self.device, self.amp):
             with torch.no_grad():
                 y_real = self.C(x).float().softmax(dim=1)                 # soft labels (B, K)
@@ -171,7 +165,7 @@ class SlcGAN:
 
     def c_step(self, real: torch.Tensor) -> dict:
         """Algorithm 1 lines 22-28 on a real batch (B, 3, S0, S0); only C is updated."""
-        x = augment.weak_view(real, self.cfg.image_size)
+        x = augment.weak_view(real, self.cfg.image_size, flip=self.s.flip)
         x_t = self.augmented_view(real)
         with autocast(self.device, self.amp):
             logits = self.C_train(x).float()                              # (B, K) -> p
@@ -186,18 +180,13 @@ class SlcGAN:
         # versions"). aug_detach_target=True reads eq. 5 as a cross-entropy with q as a fixed target.
         c_aug = multiview_consistency(logits, logits_t, detach_target=self.s.aug_detach_target)
         c_loss = self.s.w_adv * c_adv + self.s.w_aug * c_aug
-        out = {}
-        if self.s.w_balance:
-            c_balance = balance_gap(logits)
-            c_loss = c_loss + self.s.w_balance * c_balance
-            out["c_balance"] = c_balance.detach()
         self.opt_c.zero_grad(set_to_none=True)
         c_loss.backward(inputs=list(self.C.parameters()))                 # D's embedding E is not updated
         self.opt_c.step()
         with torch.no_grad():
             used = torch.zeros(self.cfg.clusters, device=self.device)
             used[logits.argmax(dim=1)] = 1
-        return {"c_loss": c_loss.detach(), "c_adv": c_adv.detach(), "c_aug": c_aug.detach(), **out,
+        return {"c_loss": c_loss.detach(), "c_adv": c_adv.detach(), "c_aug": c_aug.detach(),
                 "clusters_in_batch": used.sum()}
 
     def train_step(self, real_uint8: torch.Tensor) -> dict:

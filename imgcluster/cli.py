@@ -240,6 +240,9 @@ def run_training(cfg, run, device, resuming: bool, quiet: bool, strict: bool = F
             raise typer.Exit(code)
         except (training.NonFiniteLoss, training.CheckpointSaveError) as e:
             fail(str(e), EXIT_RUNTIME)
+    # Every rank is done with its collectives before any tears its process group down: a gloo rank that
+    # left while another was still finishing once died with SIGABRT at exit (fresh-clone CI, 2026-11-28).
+    distributed.barrier()
     distributed.shutdown()                 # the rest is rank 0's alone
     if not main:
         return

@@ -330,14 +330,17 @@ def train(
 # assign, generate, evaluate
 # ---------------------------------------------------------------------------------------------
 
-def load_run_or_exit(run_dir: Path, device: str):
+def load_run_or_exit(run_dir: Path, device: str, precision: str | None = None):
+    from imgcluster.precision import PRECISIONS
     from imgcluster.rundir import RunDir, load_model
 
     dev = device_or_exit(device)
+    if precision is not None and precision not in PRECISIONS:
+        fail(f"--precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}", EXIT_USAGE)
     if not run_dir.is_dir():
         fail(f"RUN_DIR {run_dir}: no such folder", EXIT_USAGE)
     with errors_as_exit_codes():
-        cfg, method = load_model(RunDir(run_dir), dev)
+        cfg, method = load_model(RunDir(run_dir), dev, precision)
     return cfg, method
 
 
@@ -350,6 +353,7 @@ def assign(
     sheets: Annotated[Optional[Path], typer.Option(help="Also write per-cluster sheets into this folder.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per inference batch.")] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 on a CUDA GPU with bf16, else fp32), bf16 or fp32 [default: the run's].")] = None,
     strict: Annotated[bool, typer.Option(help="Stop if any file cannot be used.")] = False,
     max_pixels: Annotated[Optional[int], typer.Option(help="Largest image accepted, in pixels.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
@@ -359,13 +363,17 @@ def assign(
     from imgcluster.data import DEFAULT_MAX_PIXELS
     from imgcluster.assignments import write_assignments
     from imgcluster.inference import SHEET_MEMBERS, write_sheets
+    from imgcluster.precision import cpu_bf16_hint
 
     if fmt not in ("csv", "jsonl"):
         fail(f"--format: must be csv or jsonl, got {fmt!r}", EXIT_USAGE)
-    cfg, method = load_run_or_exit(run_dir, device)
+    cfg, method = load_run_or_exit(run_dir, device, precision)
     folder = data_dir or Path(cfg.data_dir)
     if not folder.is_dir():
         fail(f"DATA_DIR {folder}: no such folder", EXIT_USAGE)
+    hint = cpu_bf16_hint(precision or cfg.precision, method.device, "assign")
+    if hint and not quiet:
+        console.info(hint)
     with errors_as_exit_codes():
         with console.Reporter("assigning", quiet) as rep:
             # rows stream out as they are assigned; only the sheets' members are kept

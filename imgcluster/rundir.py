@@ -102,9 +102,15 @@ def save_model(run: RunDir, method, cfg: TrainConfig, step: int, *, path: Path |
                  **(extra or {})})
 
 
-def load_model(run: RunDir, device: torch.device):
-    """Rebuild the method of a finished run from its directory alone: (cfg, method) in eval mode."""
+def load_model(run: RunDir, device: torch.device, precision: str | None = None):
+    """Rebuild the method of a finished run from its directory alone: (cfg, method) in eval mode.
+
+    `precision` (auto, bf16 or fp32; default: the run's own, as `train` used it) is what the method's
+    `assign` runs in. On a CPU with bf16 units, bf16 autocast ran the models 1.1-4.6x faster and moved
+    0.4-1.5 % of the images to another cluster, all near ties (tests/bench/RESULTS.md).
+    """
     from imgcluster.methods import METHODS
+    from imgcluster.precision import resolve_precision
 
     cfg = load_config(run)
     if not run.model.is_file():
@@ -116,4 +122,5 @@ def load_model(run: RunDir, device: torch.device):
     for name, net in method.networks().items():
         net.load_state_dict(state[name])
         net.eval()
+    method.assign_amp = resolve_precision(precision or cfg.precision, device)
     return cfg, method

@@ -88,6 +88,29 @@ def test_assign_prints_one_row_per_file(trained, mnist_200):
         assert [r["cluster"] for r in csv.DictReader(f)] == [r["cluster"] for r in rows]
 
 
+def test_assign_in_bf16_keeps_every_row_and_nearly_every_cluster(trained, mnist_200, monkeypatch):
+    """`assign --precision bf16` runs the model under bf16 autocast (the confidences change) and gives a row
+    per file; only near ties may change cluster. The run trained in fp32 (`auto` on a CPU), so that is
+    what `assign` uses by default, and it says where bf16 would be faster."""
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    default = run("assign", trained)
+    assert default.exit_code == 0 and "--precision bf16 runs the model about 2x faster" in default.stderr
+    rows = {}
+    for name in ("fp32", "bf16"):
+        result = run("assign", trained, "--precision", name)
+        assert result.exit_code == 0, result.stderr
+        assert "--precision bf16" not in result.stderr          # asked explicitly: no advice
+        rows[name] = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert rows["fp32"] == list(csv.DictReader(io.StringIO(default.stdout)))
+    fp32, bf16 = rows["fp32"], rows["bf16"]
+    assert [r["path"] for r in bf16] == [r["path"] for r in fp32] and len(bf16) == files_under(mnist_200)
+    assert [r["confidence"] for r in bf16] != [r["confidence"] for r in fp32]
+    same = sum(a["cluster"] == b["cluster"] for a, b in zip(fp32, bf16))
+    assert same >= 0.9 * len(fp32)
+    result = run("assign", trained, "--precision", "fp16")
+    assert result.exit_code == 2 and "--precision: must be one of auto, bf16, fp32, got 'fp16'" in result.stderr
+
+
 def test_assign_jsonl_and_sheets(trained, tmp_path):
     result = run("assign", trained, "--format", "jsonl", "-o", tmp_path / "a.jsonl", "--sheets", tmp_path / "sheets")
     assert result.exit_code == 0, result.stderr

@@ -75,6 +75,7 @@ class C3GAN:
             G, D = Generator(self.net_cfg), Discriminator(self.net_cfg)
         self.G, self.D = place(G, device), place(D, device)
         self.amp = resolve_precision(cfg.precision, device)
+        self.assign_amp = None         # autocast dtype of `assign` (None: fp32); see rundir.load_model
         if not training:
             return
         init_weights(self.G)
@@ -185,8 +186,9 @@ class C3GAN:
     def assign(self, real_uint8: torch.Tensor):
         """Cluster = argmax cosine similarity to the centroids; confidence = softmax of the logits."""
         self.D.eval()
-        _, h = self.D(self.eval_view(real_uint8.to(self.device)))
-        probs = self.D.cluster_logits(h).softmax(dim=1)
+        with autocast(self.device, self.assign_amp):
+            _, h = self.D(self.eval_view(real_uint8.to(self.device)))
+            probs = self.D.cluster_logits(h).float().softmax(dim=1)
         conf, cluster = probs.max(dim=1)
         return cluster, conf
 

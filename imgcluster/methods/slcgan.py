@@ -85,6 +85,7 @@ class SlcGAN:
             G, D, C = Generator(self.net_cfg), Discriminator(self.net_cfg), build_clusterer(self.net_cfg)
         self.G, self.D, self.C = place(G, device), place(D, device), place(C, device)
         self.amp = resolve_precision(cfg.precision, device)
+        self.assign_amp = None         # autocast dtype of `assign` (None: fp32); see rundir.load_model
         self.G_ema = None
         if s.ema:
             self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
@@ -240,7 +241,8 @@ class SlcGAN:
     def assign(self, real_uint8: torch.Tensor):
         """Cluster = argmax of C's logits; confidence = max softmax."""
         self.C.eval()
-        probs = self.C(self.eval_view(real_uint8.to(self.device))).softmax(dim=1)
+        with autocast(self.device, self.assign_amp):
+            probs = self.C(self.eval_view(real_uint8.to(self.device))).float().softmax(dim=1)
         conf, cluster = probs.max(dim=1)
         return cluster, conf
 

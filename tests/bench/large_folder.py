@@ -14,7 +14,8 @@ peak resident set, and the peak of the summed PSS of it and its decoding workers
 2. The cache build of all N files with an empty cache folder; the rebuild after adding 1% new files
    (only those are decoded); the warm reuse (nothing changed: scan, stat, read the index).
 3. A tiny model (`imgcluster train SUBSET --clusters 10 --preset cpu-tiny --steps 2`, made once) and
-   `imgcluster assign` on a 10,000-file subset with a cold and a warm cache, against the pure decode of
+   `imgcluster assign` on a 10,000-file subset with a cold and a warm cache, in fp32 (what `auto` gives
+   on a CPU) and with `--precision bf16`, against the pure decode of
    the same files with imgcluster.data's own loader (one process, and the worker pool the cache uses)
    and against the cache build alone. `assign` runs the model while a cold cache is built (on the CPU
    with half the cores until the build is done); the run that builds the cache first is measured too.
@@ -231,9 +232,10 @@ def step_decode(args: dict) -> dict:
 
 
 def step_assign(args: dict) -> dict:
-    """`imgcluster assign RUN FOLDER -o OUT --quiet`, run in this process after the imports (the model
-    runs during the cache build); with args["build_first"], the same with the cache built before the
-    model runs (what `assign` did on the CPU before the model shared the cores)."""
+    """`imgcluster assign RUN FOLDER -o OUT --quiet --precision P` (P = args["precision"], default fp32),
+    run in this process after the imports (the model runs during the cache build); with
+    args["build_first"], the same in fp32 with the cache built before the model runs (what `assign` did
+    on the CPU before the model shared the cores)."""
     import torch
 
     from imgcluster import assignments, pipeline, rundir
@@ -247,7 +249,8 @@ def step_assign(args: dict) -> dict:
         with open(args["out"], "w", newline="", encoding="utf-8", errors="surrogateescape") as out:
             assignments.write_assignments(rows, out)
     else:
-        app(["assign", args["run"], args["folder"], "-o", args["out"], "--quiet"], standalone_mode=False)
+        app(["assign", args["run"], args["folder"], "-o", args["out"], "--quiet", "--precision",
+             args.get("precision", "fp32")], standalone_mode=False)
     seconds = time.perf_counter() - t
     with open(args["out"], "rb") as f:
         rows = sum(1 for _ in f) - 1
@@ -376,6 +379,10 @@ def main() -> None:
                           cache=assign_cache, out=out, build_first=True)
     cold = best_of(args.repeat, "assign", fresh_cache=assign_cache, run=run, folder=subset, cache=assign_cache, out=out)
     warm = best_of(args.repeat, "assign", run=run, folder=subset, cache=assign_cache, out=out)
+    cold_bf16 = best_of(args.repeat, "assign", fresh_cache=assign_cache, run=run, folder=subset,
+                        cache=assign_cache, out=out, precision="bf16")
+    warm_bf16 = best_of(args.repeat, "assign", run=run, folder=subset, cache=assign_cache, out=out,
+                        precision="bf16")
 
     def versus_decode(res):
         return (f"{res['seconds'] / pool['seconds']:.2f}x the {workers}-worker decode "
@@ -384,6 +391,11 @@ def main() -> None:
     add("assign, cold cache (the model during the build)", cold["files"], cold, versus_decode(cold))
     add("assign, cold cache, built first (forced)", built_first["files"], built_first, versus_decode(built_first))
     add("assign, warm cache", warm["files"], warm, versus_decode(warm))
+    from imgcluster.precision import cpu_has_bf16
+
+    units = "this CPU has bf16 units" if cpu_has_bf16() else "no bf16 units: emulated"
+    add("assign --precision bf16, cold cache", cold_bf16["files"], cold_bf16, f"{versus_decode(cold_bf16)}; {units}")
+    add("assign --precision bf16, warm cache", warm_bf16["files"], warm_bf16, versus_decode(warm_bf16))
     shutil.rmtree(assign_cache)
     out.unlink()
 

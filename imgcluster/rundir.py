@@ -106,7 +106,7 @@ def load_model(run: RunDir, device: torch.device, precision: str | None = None):
     """Rebuild the method of a finished run from its directory alone: (cfg, method) in eval mode.
 
     `precision` (auto, bf16 or fp32; default: the run's own, as `train` used it) is what the method's
-    `assign` runs in. On a CPU with bf16 units, bf16 autocast ran the models 1.1-4.6x faster and moved
+    `assign` runs in. On a CPU with bf16 units, bf16 autocast ran the models 1.5-2.7x faster and moved
     0.4-1.5 % of the images to another cluster, all near ties (tests/bench/RESULTS.md).
     """
     from imgcluster.methods import METHODS

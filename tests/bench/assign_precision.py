@@ -38,12 +38,13 @@ def model_speed(run: Path, threads: int, rounds: int = 4, batches: int = 8) -> d
     from imgcluster.rundir import RunDir, load_model
 
     torch.set_num_threads(threads)
+    methods = {p: load_model(RunDir(run), torch.device("cpu"), p)[1] for p in ("fp32", "bf16")}
+    cfg = methods["fp32"].cfg
+    side = type(methods["fp32"]).cache_size(cfg)
+    x = torch.randint(0, 256, (256, side, side, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     best = {}
     for _ in range(rounds):
-        for precision in ("fp32", "bf16"):
-            cfg, method = load_model(RunDir(run), torch.device("cpu"), precision)
-            side = type(method).cache_size(cfg)
-            x = torch.randint(0, 256, (256, side, side, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        for precision, method in methods.items():
             method.assign(x)                                   # warm-up (oneDNN picks its kernels)
             t = time.perf_counter()
             for _ in range(batches):

@@ -40,7 +40,6 @@ DEFAULT_MAX_PIXELS = 2 * 89_478_485   # Pillow's own hard limit (2 x Image.MAX_I
 SEQUENTIAL_BELOW = 512                # fewer files than this: decode in this process
 CHUNK = 256                           # most files per worker task
 IN_FLIGHT_PER_WORKER = 2              # decoded chunks waiting per worker, at most: bounds memory
-SHARING_NICE = 10                     # decoding workers' niceness while the caller uses the rows (on_rows)
 
 log = logging.getLogger(__name__)
 
@@ -275,34 +274,32 @@ def _decode_chunk(root: Path, rels: list[str], size: int, max_pixels) -> tuple[n
     return block, reasons
 
 
-def _decode_stream(root, rels, size, max_pixels, workers, nice: int = 0) -> Iterator[tuple[np.ndarray, list[str]]]:
-    """Decode `rels` in order, yielding (block, reasons) pieces: chunks from worker processes (niced by
-    `nice`) when there are enough files, else one file at a time in this process, which also finishes
-    if the pool breaks."""
+def _decode_stream(root, rels, size, max_pixels, workers) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """Decode `rels` in order, yielding (block, reasons) pieces: chunks from worker processes when there
+    are enough files, else one file at a time in this process, which also finishes if the pool breaks."""
     n, done = len(rels), 0
     if workers > 1 and n >= SEQUENTIAL_BELOW:
         chunk = max(16, min(CHUNK, -(-n // (workers * 4))))
-        for block, reasons in _decode_parallel(root, rels, size, max_pixels, workers, chunk, nice):
+        for block, reasons in _decode_parallel(root, rels, size, max_pixels, workers, chunk):
             done += len(reasons)
             yield block, reasons
     for s in range(done, n):
         yield _decode_chunk(root, rels[s:s + 1], size, max_pixels)
 
 
-def _decode_parallel(root, rels, size, max_pixels, workers, chunk, nice=0) -> Iterator[tuple[np.ndarray, list[str]]]:
+def _decode_parallel(root, rels, size, max_pixels, workers, chunk) -> Iterator[tuple[np.ndarray, list[str]]]:
     """Decode chunks of `rels` in worker processes, yielding them in order; ends early, with a logged
     warning, if the pool cannot start or breaks (the caller decodes the rest itself).
 
     At most IN_FLIGHT_PER_WORKER chunks per worker are decoded ahead of the reader, so memory stays
     bounded however slowly the rows are used. Workers come from 'forkserver' (or 'spawn'), never a fork
     of this process, which may hold CUDA state or threads (a progress bar) whose locks a forked child
-    would inherit; `nice` > 0 lowers their priority.
+    would inherit.
     """
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     try:
-        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=os.nice if nice else None,
-                                   initargs=(nice,) if nice else ())
+        pool = ProcessPoolExecutor(workers, mp_context=context)
     except (BrokenExecutor, OSError) as e:      # no semaphores / cannot start processes
         log.warning("cannot start decoding workers (%s); decoding in one process", e)
         return
@@ -514,12 +511,12 @@ def _runs(flags: np.ndarray) -> Iterator[tuple[int, int, bool]]:
         yield start, stop, bool(flags[start])
 
 
-def _cache_rows(root, files, size, max_pixels, workers, source: np.ndarray, earlier: _EarlierCache | None,
-                nice: int = 0) -> Iterator[tuple[int, np.ndarray, list[str]]]:
+def _cache_rows(root, files, size, max_pixels, workers, source: np.ndarray,
+                earlier: _EarlierCache | None) -> Iterator[tuple[int, np.ndarray, list[str]]]:
     """Every row of the set, in order, as (start, block, reasons): rows with source >= 0 are copied from
     the earlier cache, the others decoded (in worker processes when there are many)."""
     todo = np.flatnonzero(source < 0)
-    decoded = _decode_stream(root, [files[i] for i in todo], size, max_pixels, workers, nice)
+    decoded = _decode_stream(root, [files[i] for i in todo], size, max_pixels, workers)
     left = None                                 # (block, reasons) decoded but not handed out yet
     try:
         for start, stop, reuse in _runs(source >= 0):
@@ -610,9 +607,9 @@ def load_image_set(root, size: int, *, cache_dir: Path | None = None, files: lis
     it is complete the earlier caches of the folder are deleted, and its 0.1.0 caches (format 1) too.
     `on_rows(start, block, reasons)` sees every row of a build once, in order, as it is produced, so a
     caller can use rows before the build ends; it is not called when the cache is reused. The decoding
-    workers then run at a lower priority (SHARING_NICE), so the caller's work on the rows comes first: a
-    model on the CPU runs threads that wait for each other at every layer, and crawls when decoders take
-    a core from one of them.
+    workers keep the normal priority: lowered (nice 10) they gained nothing on an idle 2-core machine
+    and made `assign` 4-6x slower on a busy one, where every other process came first
+    (tests/bench/RESULTS.md).
 
     The .npy is streamed to a temporary file with ordinary writes (a full disk is an OSError, not a
     SIGBUS from a sparse memmap), fsynced and renamed; the JSON is renamed last, so a crash never
@@ -637,13 +634,12 @@ def load_image_set(root, size: int, *, cache_dir: Path | None = None, files: lis
         return ImageSet(root, files, size, *hit)
 
     deliver = _Delivery(n, progress, on_rows)
-    nice = SHARING_NICE if on_rows is not None else 0
     earlier = None
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(cache_dir, folder)
         earlier = _earlier_cache(cache_dir, folder, name, real_root, size, max_pixels)
-        rows = _cache_rows(root, files, size, max_pixels, workers, _reuse_rows(files, stats, earlier), earlier, nice)
+        rows = _cache_rows(root, files, size, max_pixels, workers, _reuse_rows(files, stats, earlier), earlier)
         info = {"format": CACHE_FORMAT, "files": files, "stats": _pack_stats(stats), "size": size,
                 "max_pixels": max_pixels, "root": str(root), "real_root": real_root}
         hit = _build_cache(rows, npy, meta, info, deliver)
@@ -652,7 +648,7 @@ def load_image_set(root, size: int, *, cache_dir: Path | None = None, files: lis
     except OSError as e:
         log.warning("cannot write image cache in %s (%s); keeping images in memory", cache_dir, e.strerror or e)
         # every file decoded again: the error may have come from reading the earlier cache
-        rows = _cache_rows(root, files, size, max_pixels, workers, _reuse_rows(files, stats, None), None, nice)
+        rows = _cache_rows(root, files, size, max_pixels, workers, _reuse_rows(files, stats, None), None)
         hit = _build_in_memory(rows, shape, deliver)
     finally:
         if earlier is not None:

@@ -128,7 +128,7 @@ class FolderAssignments:
 
     def _share_cpus(self) -> int:
         """A model on the CPU beside a cache build shares the cores with the decoding workers: torch runs
-        on half of them until the build is done (the workers, at a lower priority, take what it leaves).
+        on half of them until the build is done (the workers take the rest, and what it leaves idle).
         With all of them it competes with the workers, and the two together measured slower than one
         after the other (tests/bench/large_folder.py). Returns the thread count to restore, or 0."""
         if self.images is not None or self.method.device.type != "cpu":

@@ -110,6 +110,7 @@ def load_model(run: RunDir, device: torch.device, precision: str | None = None):
     0.4-1.5 % of the images to another cluster, all near ties (tests/bench/RESULTS.md).
     """
     from imgcluster.methods import METHODS
+    from imgcluster.methods.common import load_weights
     from imgcluster.precision import resolve_precision
 
     cfg = load_config(run)
@@ -120,7 +121,6 @@ def load_model(run: RunDir, device: torch.device, precision: str | None = None):
         raise CheckpointError(f"{run.model}: made by method {meta.get('method')!r} but config.yaml says {cfg.method!r}")
     method = METHODS[cfg.method](cfg, device, training=False)     # no optimizers: weights from the file
     for name, net in method.networks().items():
-        net.load_state_dict(state[name])
-        net.eval()
+        load_weights(net, state[name], device).eval()
     method.assign_amp = resolve_precision(precision or cfg.precision, device)
     return cfg, method

@@ -168,6 +168,22 @@ def test_evaluate_does_not_load_torch(trained):
     assert done.stderr.strip().splitlines()[-1] == "False"
 
 
+def test_loading_a_model_does_not_import_sympy(trained):
+    """assign and generate load the weights into networks built on the meta device; allocating those
+    with Module.to_empty imported sympy through torch's meta-tensor code, 0.5-0.9 s of every command."""
+    code = ("import sys, torch; from pathlib import Path; from imgcluster import rundir\n"
+            "before = 'sympy' in sys.modules\n"
+            f"cfg, method = rundir.load_model(rundir.RunDir(Path({str(trained)!r})), torch.device('cpu'))\n"
+            "assert all(not p.is_meta for n in method.networks().values() for p in n.state_dict().values())\n"
+            "print(before, 'sympy' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    before, after = done.stdout.split()
+    if before == "True":
+        pytest.skip("this torch imports sympy on its own")
+    assert after == "False"
+
+
 def test_resume_continues_at_the_saved_step(trained, mnist_200, tmp_path):
     import shutil
 

@@ -276,22 +276,16 @@ def test_failed_cache_write_falls_back_to_memory_and_hands_each_row_over_once(tm
     same_set(s, load_image_set(root, 8, cache_dir=tmp_path / "fresh", workers=1))
 
 
-def test_workers_give_way_only_when_the_caller_uses_rows_during_the_build(tmp_path, monkeypatch):
+def test_rows_handed_over_during_a_parallel_build_are_the_cached_rows(tmp_path):
     root = tmp_path / "data"
-    for i in range(520):
+    for i in range(520):                                       # enough files for the worker pool
         write_image(root / f"{i:04d}.png", i)
-    pools = []
-    real_pool = data.ProcessPoolExecutor
-
-    def recording_pool(*args, **kwargs):
-        pools.append(kwargs.get("initargs"))
-        return real_pool(*args, **kwargs)
-
-    monkeypatch.setattr(data, "ProcessPoolExecutor", recording_pool)
-    plain = load_image_set(root, 4, cache_dir=tmp_path / "c1", workers=2)
-    shared = load_image_set(root, 4, cache_dir=tmp_path / "c2", workers=2, on_rows=lambda *a: None)
-    assert pools == [(), (data.SHARING_NICE,)]                 # os.nice(10) in each worker of the second
-    same_set(plain, shared)
+    rows = []
+    shared = load_image_set(root, 4, cache_dir=tmp_path / "c2", workers=2,
+                            on_rows=lambda start, block, reasons: rows.append((start, block.copy(), list(reasons))))
+    assert [r[0] for r in rows] == list(np.cumsum([0] + [len(r[2]) for r in rows[:-1]]))   # in order, each once
+    assert np.array_equal(np.concatenate([r[1] for r in rows]), shared.images)
+    same_set(load_image_set(root, 4, cache_dir=tmp_path / "c1", workers=2), shared)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,15 +15,26 @@ from imgcluster.precision import resolve_memory_format
 def building(training: bool):
     """The context networks are created in. For training, as usual (allocated and initialised). For a
     model whose weights come from a file, on the meta device: nothing is allocated or initialised, which
-    for slcgan-128 saves about 15 s of orthogonal initialisation on a CPU. `place` then allocates them."""
+    for slcgan-128 saves about 15 s of orthogonal initialisation on a CPU. `load_weights` then gives them
+    their tensors."""
     return contextlib.nullcontext() if training else torch.device("meta")
 
 
 def place(net: nn.Module, device: torch.device) -> nn.Module:
-    """`net` on `device`: moved there, or, if it was built on the meta device, allocated there
-    uninitialised (every parameter and buffer must then be loaded, see rundir.load_model)."""
+    """`net` moved to `device`; one built on the meta device stays there until `load_weights`."""
     if any(t.is_meta for t in itertools.chain(net.parameters(), net.buffers())):
-        return net.to_empty(device=device)
+        return net
+    return net.to(device)
+
+
+def load_weights(net: nn.Module, state: dict, device: torch.device) -> nn.Module:
+    """`net` holding the tensors of `state` (every parameter and buffer), on `device`.
+
+    The tensors are taken as they are (load_state_dict with assign=True) rather than copied into
+    memory allocated first with `to_empty`: on meta tensors that goes through torch's Python reference
+    ops, whose first use imports sympy, 0.5-0.9 s of every command that loads a model.
+    """
+    net.load_state_dict(state, assign=True)
     return net.to(device)
 
 

@@ -250,6 +250,10 @@ def run_training(cfg, run, device, resuming: bool, quiet: bool, strict: bool = F
         console.info(f"model.safetensors holds step {chosen['step']}: its clusters are better balanced "
                      f"({chosen['cluster_balance']:.3f}) than the last step's ({chosen['last_balance']:.3f}); "
                      f"--set select_model=last keeps the last")
+    elif chosen.get("best_step", chosen["step"]) != chosen["step"]:
+        console.info(f"model.safetensors holds the last step, {chosen['step']} (cluster balance "
+                     f"{chosen['cluster_balance']:.3f}; step {chosen['best_step']}'s {chosen['best_balance']:.3f} "
+                     f"is not enough better to replace it)")
     else:
         console.info(f"model.safetensors holds the last step, {chosen['step']} "
                      f"(cluster balance {chosen['cluster_balance']:.3f})")

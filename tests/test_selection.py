@@ -68,6 +68,20 @@ def test_model_holds_the_best_balanced_checkpoint(mnist_200, tmp_path, scripted_
     assert cfg.clusters == 10
 
 
+def test_last_step_stays_unless_its_clusters_collapsed_against_the_best(mnist_200, tmp_path, scripted_scores):
+    assert selection.collapsed(0.4, 0.9, 10) and not selection.collapsed(0.88, 0.9, 10)
+    # 10 ** (0.9 - 0.8) = 1.26 effective clusters for each of the last step's: just over the margin
+    assert selection.collapsed(0.8, 0.9, 10) and not selection.collapsed(0.81, 0.9, 10)
+    out = tmp_path / "run"
+    scripted_scores += [0.5, 0.9, 0.3, 0.35, 0.88]    # the final weights nearly as balanced as step 10's
+    result = train(mnist_200, *COMMON, "--steps", 20, "--out", out)
+    assert result.exit_code == 0
+    assert "holds the last step, 20" in result.stderr and "step 10's 0.900" in result.stderr
+    meta = read_metadata(out / "model.safetensors")
+    assert meta["step"] == "20" and float(meta["cluster_balance"]) == 0.88
+    assert (out / "checkpoint" / "best-model.safetensors").exists()
+
+
 def test_best_checkpoint_survives_a_resume(mnist_200, tmp_path, scripted_scores):
     out = tmp_path / "run"
     scripted_scores += [0.5, 0.9, 0.2]                # checkpoints 5, 10; final weights of step 10

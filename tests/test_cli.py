@@ -169,8 +169,8 @@ def test_evaluate_does_not_load_torch(trained):
 
 
 def test_loading_a_model_does_not_import_sympy(trained):
-    """assign and generate load the weights into networks built on the meta device; allocating those
-    with Module.to_empty imported sympy through torch's meta-tensor code, 0.5-0.9 s of every command."""
+    """The weights go into networks built on the meta device; allocating those with Module.to_empty
+    imported sympy through torch's meta-tensor code: 0.5-0.9 s of every `assign`."""
     code = ("import sys, torch; from pathlib import Path; from imgcluster import rundir\n"
             "before = 'sympy' in sys.modules\n"
             f"cfg, method = rundir.load_model(rundir.RunDir(Path({str(trained)!r})), torch.device('cpu'))\n"

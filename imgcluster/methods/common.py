@@ -32,7 +32,7 @@ def load_weights(net: nn.Module, state: dict, device: torch.device) -> nn.Module
 
     The tensors are taken as they are (load_state_dict with assign=True) rather than copied into
     memory allocated first with `to_empty`: on meta tensors that goes through torch's Python reference
-    ops, whose first use imports sympy: 0.5-0.9 s of every `assign` on a CPU.
+    ops, whose first use imports sympy: 0.5-0.9 s of every `assign` of a C3-GAN run on a CPU.
     """
     net.load_state_dict(state, assign=True)
     return net.to(device)

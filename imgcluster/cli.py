@@ -246,11 +246,12 @@ def run_training(cfg, run, device, resuming: bool, quiet: bool, strict: bool = F
     distributed.shutdown()                 # the rest is rank 0's alone
     if not main:
         return
+    passed_over = chosen.get("best_step") not in (None, chosen["step"])   # the best-balanced was another step
     if chosen["step"] != chosen["last_step"]:
-        console.info(f"model.safetensors holds step {chosen['step']}: its clusters are better balanced "
-                     f"({chosen['cluster_balance']:.3f}) than the last step's ({chosen['last_balance']:.3f}); "
-                     f"--set select_model=last keeps the last")
-    elif chosen.get("best_step", chosen["step"]) != chosen["step"]:
+        console.info(f"model.safetensors holds step {chosen['step']}: the last step's clusters have collapsed "
+                     f"against it (cluster balance {chosen['last_balance']:.3f} against "
+                     f"{chosen['cluster_balance']:.3f}); --set select_model=last keeps the last")
+    elif passed_over and chosen["best_balance"] > chosen["cluster_balance"]:
         console.info(f"model.safetensors holds the last step, {chosen['step']} (cluster balance "
                      f"{chosen['cluster_balance']:.3f}; step {chosen['best_step']}'s {chosen['best_balance']:.3f} "
                      f"is not enough better to replace it)")

@@ -14,11 +14,11 @@ exponential of the entropy); else the last step's weights. `select_model: last` 
 Why balance: over the training of C3-GAN and slcGAN on 2,000 MNIST images (tests/bench/selection.py,
 results in tests/bench/RESULTS.md) it had the highest rank correlation with accuracy of the signals
 tried (Spearman 0.84 and 0.82; also tried: agreement under augmentation, mean confidence, assignment
-stability between checkpoints, and products of these), and picking by it (before the margin below) never
-chose a worse checkpoint than the last one (C3-GAN: the last one; slcGAN: the most accurate one, ACC 0.294 against 0.253 for the
-last). The failure it guards against is the one these runs show: clusters merging late in training.
-It cannot tell a good balanced clustering from a bad balanced one; the choice is reported so a user
-can override it.
+stability between checkpoints, and products of these), and picking by it (before the margin below)
+never chose a worse checkpoint than the last one (C3-GAN: the last one; slcGAN: the most accurate one,
+ACC 0.294 against 0.253 for the last). The failure it guards against is the one these runs show:
+clusters merging late in training. It cannot tell a good balanced clustering from a bad balanced one;
+the choice is reported so a user can override it.
 
 Why the margin: over eight 3,200-step slcGAN runs on 10,000 MNIST images and the 600-step run above,
 an earlier checkpoint was better balanced than the last step eight times (tests/bench/RESULTS.md,

@@ -102,8 +102,11 @@ def save_model(run: RunDir, method, cfg: TrainConfig, step: int, *, path: Path |
                  **(extra or {})})
 
 
-def load_model(run: RunDir, device: torch.device, precision: str | None = None):
+def load_model(run: RunDir, device: torch.device, precision: str | None = None, *, path: Path | None = None):
     """Rebuild the method of a finished run from its directory alone: (cfg, method) in eval mode.
+
+    The weights come from `path` (default RUN_DIR/model.safetensors; checkpoint/best-model.safetensors
+    holds the best-balanced checkpoint's, see selection.py).
 
     `precision` (auto, bf16 or fp32; default: the run's own, as `train` used it) is what the method's
     `assign` runs in. On a CPU with bf16 units, bf16 autocast ran the models 1.5-2.7x faster and moved
@@ -114,11 +117,12 @@ def load_model(run: RunDir, device: torch.device, precision: str | None = None):
     from imgcluster.precision import resolve_precision
 
     cfg = load_config(run)
-    if not run.model.is_file():
-        raise CheckpointError(f"{run.model}: missing; has training finished? (run `imgcluster train` again to resume)")
-    state, meta = read_state(run.model, MODEL_FORMAT, device="cpu")
+    path = path or run.model
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; has training finished? (run `imgcluster train` again to resume)")
+    state, meta = read_state(path, MODEL_FORMAT, device="cpu")
     if meta.get("method") != cfg.method:
-        raise CheckpointError(f"{run.model}: made by method {meta.get('method')!r} but config.yaml says {cfg.method!r}")
+        raise CheckpointError(f"{path}: made by method {meta.get('method')!r} but config.yaml says {cfg.method!r}")
     method = METHODS[cfg.method](cfg, device, training=False)     # no optimizers: weights from the file
     for name, net in method.networks().items():
         load_weights(net, state[name], device).eval()

@@ -79,7 +79,10 @@ def test_last_step_stays_unless_its_clusters_collapsed_against_the_best(mnist_20
     assert "holds the last step, 20" in result.stderr and "step 10's 0.900" in result.stderr
     meta = read_metadata(out / "model.safetensors")
     assert meta["step"] == "20" and float(meta["cluster_balance"]) == 0.88
-    assert (out / "checkpoint" / "best-model.safetensors").exists()
+    best = out / "checkpoint" / "best-model.safetensors"
+    assert read_metadata(best)["step"] == "10"
+    _, method = load_model(RunDir(out), torch.device("cpu"), path=best)    # the passed-over weights load too
+    assert not any(p.is_meta for p in method.D.parameters())
 
 
 def test_best_checkpoint_survives_a_resume(mnist_200, tmp_path, scripted_scores):

@@ -23,21 +23,17 @@ import torch
 from curve import score
 from quality import folder_labels
 from imgcluster import metrics
-from imgcluster.checkpoint import MODEL_FORMAT, read_metadata, read_state
+from imgcluster.checkpoint import read_metadata
 from imgcluster.data import load_image_set, scan_folder
 from imgcluster.methods import METHODS
-from imgcluster.methods.common import load_weights
-from imgcluster.rundir import RunDir, load_config, read_config
+from imgcluster.rundir import RunDir, load_config, load_model, read_config
 from imgcluster.selection import COLLAPSE, Selector, collapsed, inference_copy
 from imgcluster.training import Batches, load_checkpoint
 
 
-def scores_of_file(path: Path, cfg, data: Batches, labels: list[str]) -> dict:
-    """ACC / NMI of the inference weights in `path` (a model file: BatchNorm already re-estimated)."""
-    state, _ = read_state(path, MODEL_FORMAT, device="cpu")
-    method = METHODS[cfg.method](cfg, torch.device("cpu"), training=False)
-    for name, net in method.networks().items():
-        load_weights(net, state[name], torch.device("cpu")).eval()
+def scores_of_file(rd: RunDir, path: Path, data: Batches, labels: list[str]) -> dict:
+    """ACC / NMI of the inference weights in `path` (a model file: BatchNorm already re-estimated), in fp32."""
+    cfg, method = load_model(rd, torch.device("cpu"), "fp32", path=path)
     assigned = torch.cat([method.assign(b)[0] for b in data.in_order(512)]).tolist()
     return metrics.evaluate(labels, assigned, cfg.clusters)
 
@@ -60,7 +56,7 @@ def rate(run: Path) -> dict:
     if rd.best_model.exists():
         meta = read_metadata(rd.best_model)
         best_balance = float(meta["cluster_balance"])
-        best = scores_of_file(rd.best_model, cfg, data, labels)
+        best = scores_of_file(rd, rd.best_model, data, labels)
         out.update(best_step=int(meta["step"]), best_balance=round(best_balance, 4), best_acc=best["acc"],
                    best_nmi=round(best["nmi"], 4),
                    effective_ratio=round(cfg.clusters ** (best_balance - last_balance), 3),

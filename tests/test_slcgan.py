@@ -87,7 +87,7 @@ def test_narrow_clusterer_scales_every_resnet18_width(size):
     assert 12 < params(full) / params(narrow) < 20                  # widths / 4: about 16x fewer weights
 
 
-def test_spectral_norm_in_g_and_d_not_c():
+def test_spectral_norm_in_g_and_d_and_in_c_on_request():
     cfg = SlcGANConfig(image_size=16, clusters=5, z_dim=8, ch=2, embed_dim=8)
     has_sn = lambda m: hasattr(m, "parametrizations") and "weight" in m.parametrizations
     layers = lambda net: [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
@@ -95,6 +95,24 @@ def test_spectral_norm_in_g_and_d_not_c():
     assert all(has_sn(m) for m in layers(g) if m is not g.embed)       # the label embedding is plain linear
     assert all(has_sn(m) for m in layers(Discriminator(cfg)))
     assert not any(has_sn(m) for m in layers(build_clusterer(cfg)))
+
+
+@pytest.mark.parametrize("c_width", [16, 64])
+def test_clusterer_with_spectral_norm_bounds_every_layer(c_width):
+    """c_spectral_norm: every conv and linear of C (stem, both convs of each block, the 1x1 shortcuts,
+    the head) is spectrally normalised; after a few power iterations in training mode each weight's
+    largest singular value is 1, and C still gives K logits."""
+    torch.manual_seed(0)
+    c = build_clusterer(SlcGANConfig(image_size=32, clusters=7, c_width=c_width, c_spectral_norm=True))
+    layers = [m for m in c.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(layers) == 21 and all("weight" in m.parametrizations for m in layers)   # 17 convs, 3 shortcuts, fc
+    x = torch.randn(4, 3, 32, 32)
+    for _ in range(30):
+        c(x)
+    for m in layers:
+        sigma = torch.linalg.matrix_norm(m.weight.detach().flatten(1), ord=2)
+        assert sigma == pytest.approx(1.0, abs=0.05), m
+    assert c(x).shape == (4, 7)
 
 
 def test_projection_term_with_one_hot_and_soft_labels():
@@ -393,7 +411,8 @@ def test_model_loaded_for_inference_equals_the_saved_one(method_name, tmp_path):
     """load_model builds the networks on the meta device (no initialisation) and allocates them before
     loading: every parameter and buffer must come from the file, so none may be left out of the state
     dict (a non-persistent buffer would stay uninitialised), and the loaded model must be the saved one."""
-    cfg = tiny_config(method_name, clusters=6, **({"ema": True} if method_name == "slcgan" else {}))
+    slcgan = {"ema": True, "c_spectral_norm": True}    # every optional network and parametrization
+    cfg = tiny_config(method_name, clusters=6, **(slcgan if method_name == "slcgan" else {}))
     torch.manual_seed(0)
     method = METHODS[method_name](cfg, CPU)
     data = real_data(cfg, batches=per_step(method))

@@ -31,6 +31,7 @@ class SlcGANSettings:
     z_dim: int = 128
     embed_dim: int = 128             # dense label embedding of G's conditional BatchNorm
     c_width: int = 64                # C's ResNet18 first-stage width (paper: 64, i.e. 64-128-256-512)
+    c_spectral_norm: bool = False    # spectral norm in C's convs and linears (the paper: "in both C and G")
     lr: float = 1e-4                 # Adam, the same for G, D and C (paper)
     betas: tuple[float, float] = (0.0, 0.999)   # the paper names none; BigGAN's (and the SN-GAN hinge setups')
     d_steps: int = 2                 # D updates per G update (paper: 2); each takes its own real batch
@@ -80,7 +81,8 @@ class SlcGAN:
         self.cfg, self.s, self.device = cfg, s, device
         self.real_batches_per_step = s.d_steps
         self.net_cfg = SlcGANConfig(image_size=cfg.image_size, clusters=cfg.clusters, z_dim=s.z_dim,
-                                    ch=s.ch, embed_dim=s.embed_dim, c_width=s.c_width)
+                                    ch=s.ch, embed_dim=s.embed_dim, c_width=s.c_width,
+                                    c_spectral_norm=s.c_spectral_norm)
         with building(training):
             G, D, C = Generator(self.net_cfg), Discriminator(self.net_cfg), build_clusterer(self.net_cfg)
         self.G, self.D, self.C = place(G, device), place(D, device), place(C, device)

@@ -30,6 +30,7 @@ class SlcGANConfig:
     ch: int = 128            # channel multiplier of G and D (paper: 128)
     embed_dim: int = 128     # the dense label embedding e = y @ W (drives G's conditional BatchNorm)
     c_width: int = 64        # C's first-stage width; ResNet18's stages are 1, 2, 4, 8 times it (paper: 64)
+    c_spectral_norm: bool = False   # spectral norm on every conv and linear of C (see build_clusterer)
 
     def __post_init__(self):
         if self.image_size not in ARCH:
@@ -195,12 +196,19 @@ def build_clusterer(cfg: SlcGANConfig) -> nn.Module:
     At 32 px and below the ImageNet stem (7x7 stride 2 + maxpool) would leave too little of the image,
     so it becomes the CIFAR stem: a 3x3 stride-1 conv and no maxpool. With c_width other than 64 the
     same ResNet18 is built with every width scaled (c_width, 2, 4, 8 times it): a narrow C for CPUs.
+
+    c_spectral_norm: the paper's architecture paragraph says "We use spectral normalization in both C
+    and G"; it puts spectral norm on every conv and linear layer of C (BatchNorm stays).
     """
     net = resnet18(weights=None, num_classes=cfg.clusters) if cfg.c_width == 64 else _scaled_resnet18(cfg)
     if cfg.image_size <= 32:
         net.conv1 = nn.Conv2d(3, cfg.c_width, 3, 1, 1, bias=False)
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")   # as torchvision does
         net.maxpool = nn.Identity()
+    if cfg.c_spectral_norm:
+        for module in list(net.modules()):
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                spectral_norm(module)
     return net
 
 

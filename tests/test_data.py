@@ -191,6 +191,38 @@ def test_resize_square_centre_crops_the_long_side():
     assert (out[:, 2:6] == [0, 0, 255]).all()
 
 
+def photo(w, h, seed=0):
+    """A photo-like picture: smooth colour fields, a few sharp-edged shapes, mild noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    img = np.stack([128 + 100 * np.sin(6 * xx + c) * np.cos(4 * yy - c) for c in (0.0, 1.0, 2.0)], axis=-1)
+    for _ in range(6):
+        x0, y0 = rng.integers(0, w - w // 4), rng.integers(0, h - h // 4)
+        img[y0:y0 + h // 5, x0:x0 + w // 5] = rng.integers(0, 256, 3)
+    img += rng.normal(0, 4, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale_with_nearly_the_same_pixels(tmp_path):
+    path = save(tmp_path / "big.jpg", photo(1200, 900), format="JPEG", quality=90)
+    assert load_image(path).size == (1200, 900)
+    drafted = load_image(path, draft_side=128)
+    assert drafted.size == (300, 225)              # 1/4: both sides still >= 128 (1/8 would leave 112)
+    full = resize_square(load_image(path), 32).astype(int)
+    assert np.abs(resize_square(drafted, 32).astype(int) - full).mean() < 1.0
+    # the cache decodes that way: a JPEG DRAFT_MARGIN times the cached side or more
+    cached = load_image_set(tmp_path, 32, cache_dir=tmp_path / "cache", workers=1).images[0]
+    assert np.array_equal(cached, resize_square(load_image(path, draft_side=data.DRAFT_MARGIN * 32), 32))
+    assert not np.array_equal(cached, full)
+
+
+@pytest.mark.parametrize("name, fmt", [("small.jpg", "JPEG"), ("big.png", "PNG")])
+def test_small_jpegs_and_other_formats_are_decoded_in_full(tmp_path, name, fmt):
+    size = (200, 150) if fmt == "JPEG" else (1200, 900)   # JPEG: 1/2 would leave 75 < 128
+    path = save(tmp_path / name, photo(*size), format=fmt)
+    assert load_image(path, draft_side=128).size == size
+
+
 # ---------------------------------------------------------------------------------------------
 # load_image_set and the cache
 # ---------------------------------------------------------------------------------------------

@@ -147,10 +147,10 @@ def test_unreadable_files_are_tried_again_on_a_rebuild(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     real = data.load_image
 
-    def locked(path, max_pixels=data.DEFAULT_MAX_PIXELS):
+    def locked(path, max_pixels=data.DEFAULT_MAX_PIXELS, **options):
         if Path(path).name == "img-0001.png":
             raise PermissionError(errno.EACCES, "Permission denied")
-        return real(path, max_pixels)
+        return real(path, max_pixels, **options)
 
     monkeypatch.setattr(data, "load_image", locked)
     first = load_image_set(root, 8, cache_dir=cache, workers=1)
@@ -241,6 +241,27 @@ def test_caches_of_0_1_0_are_removed_when_their_folder_is_cached_again(tmp_path)
     load_image_set(root, 8, cache_dir=cache, workers=1)
     new = next(p.stem for p in cache.glob("*-*.json"))
     assert sorted(p.name for p in cache.iterdir()) == sorted([f"{new}.json", f"{new}.npy", *kept])
+
+
+def test_format_2_caches_of_the_folder_and_size_are_removed_when_it_is_cached_again(tmp_path):
+    """Format 3 decodes large JPEGs at a reduced scale, so format 2's rows are never read again."""
+    root = make_folder(tmp_path / "data", 3)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+
+    def format_2_cache(size: int) -> list[str]:
+        folder = data._folder_id(os.path.realpath(root), size, data.DEFAULT_MAX_PIXELS, cache_format=2)[:16]
+        name = f"{folder}-{'e' * 64}"
+        np.save(cache / f"{name}.npy", np.zeros((3, size, size, 3), np.uint8))
+        (cache / f"{name}.json").write_text(json.dumps({"format": 2, "files": [], "size": size}))
+        return [f"{name}.json", f"{name}.npy"]
+
+    format_2_cache(8)
+    kept = format_2_cache(16)                                                # another size: stays for now
+    load_image_set(root, 8, cache_dir=cache, workers=1)
+    new = [p.stem for p in cache.glob("*.json") if json.loads(p.read_text())["format"] == data.CACHE_FORMAT]
+    assert data.CACHE_FORMAT == 3 and len(new) == 1
+    assert sorted(p.name for p in cache.iterdir()) == sorted([f"{new[0]}.json", f"{new[0]}.npy", *kept])
 
 
 def test_failed_cache_write_falls_back_to_memory_and_hands_each_row_over_once(tmp_path, monkeypatch, caplog):

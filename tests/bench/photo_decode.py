@@ -1,0 +1,127 @@
+"""Cache build rate on photo-sized JPEGs: decoding at a reduced scale (JPEG draft) against full decoding.
+
+Run by hand, not by pytest:
+
+    git worktree add /tmp/wt-before <commit before the change>
+    python tests/bench/photo_decode.py --before /tmp/wt-before          # 600 photos, sides 32, 64, 128
+
+1. A folder of N photo-sized JPEGs is generated once from the CUB-100 archive in ../shared/data: each
+   bird photo (227 x 227) randomly flipped and cropped, then enlarged to a camera size (4032 x 3024,
+   3000 x 2000, 1920 x 1080, 1280 x 960 or 800 x 600, in turn) and saved at JPEG quality 90. Enlarged
+   photos are smoother than camera photos, so entropy decoding, which both ways pay per pixel of the
+   file, is cheaper here than in a real photo folder.
+2. For each side, the cache build of the whole folder (imgcluster.data.load_image_set, 2 decoding
+   workers, an empty cache folder each time) with this checkout's code and with the --before checkout,
+   alternated --repeat times in fresh processes; the fastest of each is reported, with the ratio, and
+   the mean and largest absolute difference between the two caches' pixels (0-255).
+
+Nothing is downloaded; the caches are deleted at the end (the generated folder is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+HERE = Path(__file__).resolve().parents[2]
+SHARED = HERE.parent / "shared" / "data"
+CAMERA_SIZES = [(4032, 3024), (3000, 2000), (1920, 1080), (1280, 960), (800, 600)]
+
+BUILD = """
+import json, sys, time
+from pathlib import Path
+import imgcluster
+from imgcluster.data import load_image_set
+root, side, cache = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+start = time.perf_counter()
+s = load_image_set(root, side, cache_dir=cache, workers=2)
+took = time.perf_counter() - start
+print(json.dumps({"seconds": took, "files": len(s.files), "ok": int(s.ok.sum()),
+                  "npy": str(next(cache.glob('*.npy'))), "code": imgcluster.__file__}))
+"""
+
+
+def make_folder(dest: Path, n: int, seed: int = 0) -> Path:
+    done = dest / ".done"
+    if done.exists() and len(list(dest.glob("*.jpg"))) == n:
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    written = 0
+    with tarfile.open(SHARED / "cub100.tar.gz") as tar:
+        for member in tar:
+            if written == n:
+                break
+            if not (member.isfile() and member.name.endswith(".jpg")):
+                continue
+            img = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
+            if rng.random() < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            w, h = img.size
+            cw, ch = int(w * rng.uniform(0.8, 1.0)), int(h * rng.uniform(0.8, 1.0))
+            left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            size = CAMERA_SIZES[written % len(CAMERA_SIZES)]
+            img = img.crop((left, top, left + cw, top + ch)).resize(size, Image.Resampling.BICUBIC)
+            img.save(dest / f"photo-{written:05d}.jpg", quality=90)
+            written += 1
+    done.touch()
+    return dest
+
+
+def build(tree: Path, folder: Path, side: int, cache: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    # cwd: `python -c` puts the working directory first on sys.path, ahead of PYTHONPATH
+    out = subprocess.run([sys.executable, "-c", BUILD, str(folder), str(side), str(cache)], env=env,
+                         cwd=cache.parent, capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert Path(result["code"]).is_relative_to(tree), f"imported {result['code']}, not the code in {tree}"
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", type=Path, required=True, help="checkout of the code to compare with")
+    parser.add_argument("--photos", type=int, default=600)   # 512 or more: the worker pool decodes
+    parser.add_argument("--sides", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--folder", type=Path, default=Path("/tmp/imgcluster-bench/photos"))
+    args = parser.parse_args()
+
+    folder = make_folder(args.folder / str(args.photos), args.photos)
+    megapixels = sum(Image.open(p).size[0] * Image.open(p).size[1] for p in folder.glob("*.jpg")) / 1e6
+    print(f"{args.photos} JPEGs, {megapixels / args.photos:.1f} megapixels each on average, in {folder}; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print("| side | before: files / s | after: files / s | speed-up | pixels: mean / largest difference |")
+    print("| --- | --- | --- | --- | --- |")
+    for side in args.sides:
+        best = {"before": None, "after": None}
+        with tempfile.TemporaryDirectory() as scratch:
+            for r in range(args.repeat):
+                for name, tree in (("before", args.before.resolve()), ("after", HERE)):
+                    cache = Path(scratch) / f"{name}-{r}"
+                    result = build(tree, folder, side, cache)
+                    assert result["ok"] == args.photos, result
+                    if best[name] is None or result["seconds"] < best[name]["seconds"]:
+                        best[name] = result
+            a = np.load(best["before"]["npy"]).astype(np.int16)
+            b = np.load(best["after"]["npy"]).astype(np.int16)
+            diff = np.abs(a - b)
+            rate = {k: args.photos / v["seconds"] for k, v in best.items()}
+            print(f"| {side} | {rate['before']:.0f} | {rate['after']:.0f} | {rate['after'] / rate['before']:.2f}x "
+                  f"| {diff.mean():.2f} / {diff.max()} |")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -406,6 +406,23 @@ def test_cli_train_slcgan_then_evaluate(mnist_200, tmp_path):
     assert result.exit_code == 0 and (tmp_path / "c3.png").is_file()
 
 
+def test_run_saved_before_c_spectral_norm_existed_loads_without_it(tmp_path):
+    """A config.yaml written before the setting existed has no c_spectral_norm key: C is built as it was
+    trained, without spectral norm, and its weights load."""
+    cfg = tiny_config(clusters=4)
+    method = METHODS["slcgan"](cfg, CPU)
+    run = RunDir(tmp_path / "run")
+    run.make()
+    save_config(run, cfg)
+    save_model(run, method, cfg, 1)
+    saved = yaml.safe_load(run.config.read_text())
+    del saved["slcgan"]["c_spectral_norm"]
+    run.config.write_text(yaml.safe_dump(saved))
+    _, loaded = load_model(run, CPU)
+    assert not loaded.s.c_spectral_norm
+    assert not any(hasattr(m, "parametrizations") for m in loaded.C.modules())
+
+
 @pytest.mark.parametrize("method_name", ["c3gan", "slcgan"])
 def test_model_loaded_for_inference_equals_the_saved_one(method_name, tmp_path):
     """load_model builds the networks on the meta device (no initialisation) and allocates them before

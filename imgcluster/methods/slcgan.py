@@ -31,7 +31,10 @@ class SlcGANSettings:
     z_dim: int = 128
     embed_dim: int = 128             # dense label embedding of G's conditional BatchNorm
     c_width: int = 64                # C's ResNet18 first-stage width (paper: 64, i.e. 64-128-256-512)
-    c_spectral_norm: bool = False    # spectral norm in C's convs and linears (the paper: "in both C and G")
+    # Spectral norm in C's convs and linears (the paper: "in both C and G"; README, Faithfulness notes).
+    # Off: a run saved before the setting existed has no such key and was trained without it, and on the
+    # CPU preset it helped MNIST and hurt Fashion-MNIST (tests/bench/RESULTS.md).
+    c_spectral_norm: bool = False
     lr: float = 1e-4                 # Adam, the same for G, D and C (paper)
     betas: tuple[float, float] = (0.0, 0.999)   # the paper names none; BigGAN's (and the SN-GAN hinge setups')
     d_steps: int = 2                 # D updates per G update (paper: 2); each takes its own real batch

@@ -87,7 +87,7 @@ def test_narrow_clusterer_scales_every_resnet18_width(size):
     assert 12 < params(full) / params(narrow) < 20                  # widths / 4: about 16x fewer weights
 
 
-def test_spectral_norm_in_g_and_d_and_in_c_on_request():
+def test_spectral_norm_in_g_and_d_and_not_in_c_by_default():
     cfg = SlcGANConfig(image_size=16, clusters=5, z_dim=8, ch=2, embed_dim=8)
     has_sn = lambda m: hasattr(m, "parametrizations") and "weight" in m.parametrizations
     layers = lambda net: [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]

@@ -45,7 +45,7 @@ import threading
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+from shared_sets import SHARED  # noqa: E402  (a sibling module: the scripts run from tests/bench/)
 SUBSET_FILES = 10_000                 # files per top-level folder of the generated tree
 FOLDER_VERSION = 1                    # bump when the generator changes: the scratch folder is remade
 

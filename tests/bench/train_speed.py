@@ -45,7 +45,7 @@ from imgcluster.config import resolve_config
 from imgcluster.data import resize_square
 from imgcluster.methods import METHODS
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+from shared_sets import SHARED  # noqa: E402  (a sibling module: the scripts run from tests/bench/)
 
 
 def real_images(count: int, size: int, archive: Path) -> torch.Tensor:

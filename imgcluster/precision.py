@@ -38,13 +38,13 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX-BF16): there bf16 autocast trains
-    faster than fp32 (1.7-2.1x measured on an AVX512-BF16 CPU); elsewhere it is emulated and slower."""
+    faster than fp32 (1.5-2.1x measured on an AVX512-BF16 CPU); elsewhere it is emulated and slower."""
     capabilities = getattr(torch.cpu, "get_capabilities", dict)()
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
 BF16_GAINS = {   # measured on an AVX512-BF16/AMX CPU (tests/bench/RESULTS.md)
-    "train": "trains about 2x faster here",
+    "train": "trains 1.5-2x faster here",
     "assign": "runs the model about 2x faster here (changing the cluster of 0.4-1.5 % of the images, near ties)",
 }
 

@@ -45,7 +45,8 @@ import threading
 import time
 from pathlib import Path
 
-from shared_sets import SHARED  # noqa: E402  (a sibling module: the scripts run from tests/bench/)
+from shared_sets import SHARED
+
 SUBSET_FILES = 10_000                 # files per top-level folder of the generated tree
 FOLDER_VERSION = 1                    # bump when the generator changes: the scratch folder is remade
 

@@ -40,7 +40,7 @@ import yaml
 from imgcluster import metrics
 from imgcluster.data import load_image_set, scan_folder
 
-from shared_sets import SHARED  # noqa: E402  (a sibling module: the scripts run from tests/bench/)
+from shared_sets import SHARED
 
 
 def unpack(name: str, prefix: str, dest: Path) -> Path:

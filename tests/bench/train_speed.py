@@ -45,7 +45,7 @@ from imgcluster.config import resolve_config
 from imgcluster.data import resize_square
 from imgcluster.methods import METHODS
 
-from shared_sets import SHARED  # noqa: E402  (a sibling module: the scripts run from tests/bench/)
+from shared_sets import SHARED
 
 
 def real_images(count: int, size: int, archive: Path) -> torch.Tensor:

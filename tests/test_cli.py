@@ -339,7 +339,7 @@ def test_cpu_with_bf16_units_gets_a_precision_hint(has_bf16, flags, hinted, mnis
     result = run("train", mnist_200, "--clusters", 3, "--preset", "cpu-tiny", "--out", tmp_path / "r", "--dry-run",
                  "--device", "cpu", *flags)
     assert result.exit_code == 0, result.stderr
-    assert ("--precision bf16 trains about 2x faster" in result.stderr) == hinted
+    assert ("--precision bf16 trains 1.5-2x faster" in result.stderr) == hinted
     assert yaml.safe_load(result.stdout)["precision"] == ("fp32" if flags[:1] == ["--precision"] else "auto")
 
 

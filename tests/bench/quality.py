@@ -16,6 +16,8 @@ each seed's run directory is copied and resumed, which continues exactly where i
 
     python tests/bench/quality.py --extend tests/bench/quality/mnist-X.json --steps 4000 --tag X-4000
 
+With --extend, --set-option goes to the resumed `train` (what a resume may change: precision, memory_format).
+
 The baseline is the one a user reaches in five lines of scikit-learn: k-means with k = number of classes on
 50 PCA components of the raw pixels, centre-cropped and resized to --size (the same cached pixels imgcluster
 trains on).
@@ -198,7 +200,7 @@ def extend(path: Path, args) -> None:
     if missing:
         sys.exit(f"--extend: {path} has no run for seed(s) {missing}")
     runs = dict(zip(earlier["seeds"], earlier["imgcluster"]))
-    record = dict(earlier, tag=args.tag, steps=args.steps, seeds=seeds, command=" ".join(sys.argv),
+    record = dict(earlier, tag=args.tag, steps=args.steps, seeds=seeds, command=" ".join(sys.argv), resume_set=args.set or [],
                   extended_from=str(path), baseline=[earlier["baseline"][earlier["seeds"].index(s)] for s in seeds],
                   imgcluster=[])
     for seed in seeds:
@@ -211,6 +213,8 @@ def extend(path: Path, args) -> None:
         folder = Path(yaml_load(run_dir / "config.yaml")["data_dir"])
         cmd = [sys.executable, "-m", "imgcluster", "train", str(folder), "--out", str(run_dir),
                "--steps", str(args.steps), "--quiet", "--device", args.device]
+        for s in args.set or []:              # what a resume may change: precision, memory_format, compile
+            cmd += ["--set", s]
         result = timed_train(cmd, run_dir)
         result["wall_s"] = round(before["wall_s"] + result["wall_s"], 1)
         record["imgcluster"].append(result)

@@ -200,7 +200,8 @@ def extend(path: Path, args) -> None:
     if missing:
         sys.exit(f"--extend: {path} has no run for seed(s) {missing}")
     runs = dict(zip(earlier["seeds"], earlier["imgcluster"]))
-    record = dict(earlier, tag=args.tag, steps=args.steps, seeds=seeds, command=" ".join(sys.argv), resume_set=args.set or [],
+    record = dict(earlier, tag=args.tag, steps=args.steps, seeds=seeds, command=" ".join(sys.argv),
+                  resume_set=args.set or [],
                   extended_from=str(path), baseline=[earlier["baseline"][earlier["seeds"].index(s)] for s in seeds],
                   imgcluster=[])
     for seed in seeds:

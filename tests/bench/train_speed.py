@@ -122,6 +122,17 @@ def matmul_tflops(device: torch.device, n: int = 8192, repeat: int = 10) -> floa
     return 2 * n ** 3 * repeat / (time.perf_counter() - t0) / 1e12
 
 
+def set_time(row: dict, sec: float, real_per_step: int, measured_peak: float | None, datasheet_peak: float) -> None:
+    """Fill `row`'s timing fields from `sec` per step: images/s and, where its FLOPs were counted, TFLOP/s
+    and the fractions of the measured and datasheet bf16 peaks (a GPU's only: measured_peak is None else)."""
+    row.update(s_per_step=sec, img_per_s=real_per_step / sec)
+    if "gflop_per_step" in row:
+        row["tflops"] = row["gflop_per_step"] / 1e3 / sec
+        if measured_peak:
+            row["of_measured_peak"] = row["tflops"] / measured_peak
+            row["of_datasheet_peak"] = row["tflops"] / datasheet_peak
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -149,7 +160,7 @@ VARIANTS = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", choices=list(METHODS), help="[default: the preset's, else c3gan]")
-    ap.add_argument("--preset", help="time this preset's settings (e.g. slcgan-32-cpu) instead of the method's defaults")
+    ap.add_argument("--preset", help="time this preset's settings (e.g. slcgan-32-cpu), not the method's defaults")
     ap.add_argument("--sizes", type=int, nargs="+", help="[default: the preset's image size, else 32 64 128]")
     ap.add_argument("--batch-size", type=int, help="[default: the preset's, else 16]")
     ap.add_argument("--clusters", type=int, default=200, help="K (CUB-200 overclustering scale: 200)")
@@ -208,23 +219,14 @@ def main() -> None:
             if round_ > 0:                    # a later round of --repeat: keep the variant's fastest
                 row = next(r for r in rows if (r["size"], r["precision"], r["variant"]) == (size, precision, name))
                 if sec < row["s_per_step"]:
-                    row.update(s_per_step=sec, img_per_s=real_per_step / sec)
-                    if "tflops" in row:
-                        row["tflops"] = row["gflop_per_step"] / 1e3 / sec
-                        for key, peak in (("of_measured_peak", measured_peak), ("of_datasheet_peak", args.peak_tflops)):
-                            if key in row:
-                                row[key] = row["tflops"] / peak
+                    set_time(row, sec, real_per_step, measured_peak, args.peak_tflops)
                 del method
                 continue
             row = {"method": args.method, "size": size, "variant": name, "precision": precision,
-                   "batch": args.batch_size, "s_per_step": sec, "img_per_s": real_per_step / sec,
-                   "peak_mb": peak_memory_mb(device), "warmup_s": warm_s}
+                   "batch": args.batch_size, "peak_mb": peak_memory_mb(device), "warmup_s": warm_s}
             if args.flops and name == "imgcluster":
                 row["gflop_per_step"] = step_flops(method, data, args.batch_size) / 1e9
-                row["tflops"] = row["gflop_per_step"] / 1e3 / sec
-                if device.type == "cuda":
-                    row["of_measured_peak"] = row["tflops"] / measured_peak
-                    row["of_datasheet_peak"] = row["tflops"] / args.peak_tflops
+            set_time(row, sec, real_per_step, measured_peak, args.peak_tflops)
             rows.append(row)
             if "tflops" in row:
                 print(f"  {row['tflops']:.1f} TFLOP/s", file=sys.stderr, flush=True)
@@ -235,7 +237,8 @@ def main() -> None:
            else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     if args.json:
         args.json.write_text(json.dumps({"command": "python tests/bench/train_speed.py " + " ".join(sys.argv[1:]),
-                                         "device": dev, "torch": torch.__version__, "clusters": args.clusters, "preset": args.preset,
+                                         "device": dev, "torch": torch.__version__, "clusters": args.clusters,
+                                         "preset": args.preset,
                                          "bf16_matmul_tflops": measured_peak, "rows": rows}, indent=2))
     if args.markdown:
         print(f"\n`python tests/bench/train_speed.py {' '.join(sys.argv[1:])}` on {dev}, torch {torch.__version__}, K = {args.clusters}"

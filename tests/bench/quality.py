@@ -16,7 +16,7 @@ each seed's run directory is copied and resumed, which continues exactly where i
 
     python tests/bench/quality.py --extend tests/bench/quality/mnist-X.json --steps 4000 --tag X-4000
 
-With --extend, --set-option goes to the resumed `train` (what a resume may change: precision, memory_format).
+With --extend, --set-option goes to the resumed `train` (what a resume may change, e.g. precision, memory_format).
 
 The baseline is the one a user reaches in five lines of scikit-learn: k-means with k = number of classes on
 50 PCA components of the raw pixels, centre-cropped and resized to --size (the same cached pixels imgcluster
@@ -89,9 +89,12 @@ def imgcluster_run(folder: Path, run_dir: Path, args, seed: int) -> dict:
         cmd += ["--steps", str(args.steps)]
     if args.method:
         cmd += ["--method", args.method]
-    for s in args.set or []:
-        cmd += ["--set", s]
-    return timed_train(cmd, run_dir)
+    return timed_train(cmd + set_options(args), run_dir)
+
+
+def set_options(args) -> list[str]:
+    """--set-option values as `train` arguments: ["--set", KEY=VALUE, ...]."""
+    return [part for s in args.set or [] for part in ("--set", s)]
 
 
 def timed_train(cmd: list[str], run_dir: Path) -> dict:
@@ -214,9 +217,7 @@ def extend(path: Path, args) -> None:
         folder = Path(yaml_load(run_dir / "config.yaml")["data_dir"])
         cmd = [sys.executable, "-m", "imgcluster", "train", str(folder), "--out", str(run_dir),
                "--steps", str(args.steps), "--quiet", "--device", args.device]
-        for s in args.set or []:              # what a resume may change: precision, memory_format, compile
-            cmd += ["--set", s]
-        result = timed_train(cmd, run_dir)
+        result = timed_train(cmd + set_options(args), run_dir)     # what a resume may change, e.g. precision
         result["wall_s"] = round(before["wall_s"] + result["wall_s"], 1)
         record["imgcluster"].append(result)
         report_seed(seed, result)

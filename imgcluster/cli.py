@@ -272,7 +272,7 @@ def train(
     image_size: Annotated[Optional[int], typer.Option(help="16, 32, 64 or 128.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Training steps (iterations).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per step.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run directory [default: runs/DATA-METHOD-kK].")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory \\[default: runs/DATA-METHOD-kK].")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: key=value.")] = None,
@@ -352,13 +352,13 @@ def load_run_or_exit(run_dir: Path, device: str, precision: str | None = None):
 @app.command()
 def assign(
     run_dir: Annotated[Path, typer.Argument(help="A trained run directory.")],
-    data_dir: Annotated[Optional[Path], typer.Argument(help="Images to assign [default: the training folder].")] = None,
+    data_dir: Annotated[Optional[Path], typer.Argument(help="Images to assign \\[default: the training folder].")] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="CSV/JSONL file, or - for stdout.")] = "-",
     fmt: Annotated[str, typer.Option("--format", help="csv or jsonl.")] = "csv",
     sheets: Annotated[Optional[Path], typer.Option(help="Also write per-cluster sheets into this folder.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per inference batch.")] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 on a CUDA GPU with bf16, else fp32), bf16 or fp32 [default: the run's].")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 on a CUDA GPU with bf16, else fp32), bf16 or fp32 \\[default: the run's].")] = None,
     strict: Annotated[bool, typer.Option(help="Stop if any file cannot be used.")] = False,
     max_pixels: Annotated[Optional[int], typer.Option(help="Largest image accepted, in pixels.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
@@ -494,7 +494,7 @@ def print_scores(result: dict) -> None:
 @app.command()
 def demo(
     out_dir: Annotated[Path, typer.Argument(help="Where to write the digits and the run.")] = Path("imgcluster-demo"),
-    steps: Annotated[Optional[int], typer.Option(help="Training steps [default: the demo preset's].")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps \\[default: the demo preset's].")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ):
     """No data needed: cluster scikit-learn's 1,797 bundled 8x8 digits on the CPU and score the result."""

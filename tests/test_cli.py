@@ -299,6 +299,20 @@ def test_without_method_a_run_of_either_method_in_the_default_place_resumes(mnis
     assert "no --method given: using slcgan" in result.stderr and "slcgan-k3 (new run)" in result.stderr
 
 
+@pytest.mark.parametrize("command, shown", [
+    ("train", "[default: runs/DATA-METHOD-kK]"),
+    ("assign", "[default: the training folder]"),
+    ("assign", "[default: the run's]"),
+    ("demo", "[default: the demo preset's]"),
+])
+def test_help_shows_defaults_written_in_brackets(command, shown):
+    # The help is rendered with rich markup, which drops an unescaped "[default: ...]" as a tag.
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0
+    words = " ".join(result.stdout.replace("│", " ").split())           # undo the panel's wrapping
+    assert shown in words
+
+
 def test_unknown_method_is_a_usage_error(mnist_200, tmp_path):
     for flags in (["--method", "kmeans"], ["--set", "method=kmeans"]):
         result = run("train", mnist_200, "--clusters", 5, *flags, "--out", tmp_path / "r", "--dry-run")

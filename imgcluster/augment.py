@@ -42,8 +42,9 @@ def random_flip(x: torch.Tensor) -> torch.Tensor:
 # Real views (C3-GAN): weak = random crop + flip; strong = RandomResizedCrop + flip + colour
 # ---------------------------------------------------------------------------------------------
 
-def weak_view(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Random size x size crop (per sample) of images already resized on the short side, then flip."""
+def weak_view(x: torch.Tensor, size: int, flip: bool = True) -> torch.Tensor:
+    """Random size x size crop (per sample) of images already resized on the short side, then flip
+    (unless flip is False)."""
     b, _, h, w = x.shape
     top = torch.randint(0, h - size + 1, (b,), device=x.device)
     left = torch.randint(0, w - size + 1, (b,), device=x.device)
@@ -52,7 +53,8 @@ def weak_view(x: torch.Tensor, size: int) -> torch.Tensor:
     cols = (left[:, None] + ar)[:, None, None, :]                         # (B, 1, 1, S)
     idx_b = torch.arange(b, device=x.device)[:, None, None, None]
     idx_c = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-    return random_flip(x[idx_b, idx_c, rows, cols])
+    crops = x[idx_b, idx_c, rows, cols]
+    return random_flip(crops) if flip else crops
 
 
 def random_resized_crop(x: torch.Tensor, size: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:

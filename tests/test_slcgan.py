@@ -211,6 +211,25 @@ def test_c_step_updates_only_c(tiny_slcgan):
     assert unchanged(m.D, d_before) and unchanged(m.G, g_before) and not unchanged(m.C, c_before)
 
 
+@pytest.mark.parametrize("flip", [True, False])
+def test_flip_setting_decides_whether_real_views_are_mirrored(flip, monkeypatch):
+    """slcgan.flip=false (digits, letters): neither D's and C's real views nor T(x) are ever mirrored."""
+    from imgcluster import augment
+    calls = []
+    real_flip = augment.random_flip
+    monkeypatch.setattr(augment, "random_flip", lambda x: calls.append(x.shape[0]) or real_flip(x))
+    torch.manual_seed(0)
+    m = METHODS["slcgan"](tiny_config(batch_size=8, flip=flip), CPU)
+    m.train_step(real_data(m.cfg, batches=per_step(m)))
+    assert bool(calls) == flip
+    if not flip:   # the weak view is then always an unmirrored crop (of an image that is not symmetric)
+        x = torch.arange(2 * 3 * 9 * 9, dtype=torch.float32).view(2, 3, 9, 9)
+        crops = [x[:, :, t:t + 8, l:l + 8] for t in range(2) for l in range(2)]
+        for _ in range(20):
+            view = augment.weak_view(x, 8, flip=False)
+            assert all(any(torch.equal(view[i], c[i]) for c in crops) for i in range(2))
+
+
 def test_d_takes_two_steps_per_g_step_with_soft_real_and_one_hot_fake_labels(monkeypatch):
     torch.manual_seed(1)
     m = METHODS["slcgan"](tiny_config(batch_size=8), CPU)

@@ -43,6 +43,10 @@ class SlcGANSettings:
     w_aug: float = 1.0               # lambda_3: multi-view consistency, eq. 5
     aug_detach_target: bool = False  # eq. 5 with q = softmax(C(T(x))) as a fixed target (see c_step)
     crop_scale: tuple[float, float] = (0.2, 1.0)  # T: RandomResizedCrop area range
+    # Horizontal flips in T and in the real views of D and C (the paper's T flips). Off for folders where
+    # a mirrored image is another class or no class at all (digits, letters): with flips, G learns to
+    # draw mirrored digits too, and C is taught that a 2 and its mirror image are the same cluster.
+    flip: bool = True
     ema: bool = False                # keep an exponential moving average of G for sampling
     ema_decay: float = 0.9999
     ema_start: int = 1000            # G steps before averaging starts (the copy follows G until then)
@@ -129,12 +133,12 @@ class SlcGAN:
         """T(x) of eq. 5: random resized crop, flip, colour jitter (the paper's cropping, colour jittering
         and flipping), drawn from the cached image, (B, 3, S, S)."""
         x = augment.random_resized_crop(real, self.cfg.image_size, scale=self.s.crop_scale)
-        return augment.color_jitter(augment.random_flip(x))
+        return augment.color_jitter(augment.random_flip(x) if self.s.flip else x)
 
     def d_step(self, real: torch.Tensor) -> dict:
         """Algorithm 1 lines 10-15 on one real batch (B, 3, S0, S0) in [-1, 1]; only D is updated."""
         batch = real.shape[0]
-        x = augment.weak_view(real, self.cfg.image_size)                  # (B, 3, S, S)
+        x = augment.weak_view(real, self.cfg.image_size, flip=self.s.flip)   # (B, 3, S, S)
         with autocast(self.device, self.amp):
             with torch.no_grad():
                 y_real = self.C(x).float().softmax(dim=1)                 # soft labels (B, K)
@@ -170,7 +174,7 @@ class SlcGAN:
 
     def c_step(self, real: torch.Tensor) -> dict:
         """Algorithm 1 lines 22-28 on a real batch (B, 3, S0, S0); only C is updated."""
-        x = augment.weak_view(real, self.cfg.image_size)
+        x = augment.weak_view(real, self.cfg.image_size, flip=self.s.flip)
         x_t = self.augmented_view(real)
         with autocast(self.device, self.amp):
             logits = self.C_train(x).float()                              # (B, K) -> p

@@ -341,7 +341,10 @@ def test_method_forward_backward_step_save_load_assign_generate(method_name, tmp
     torch.manual_seed(9)
     g1 = method.generate(torch.tensor([1, 3]))
     torch.manual_seed(9)
-    assert torch.equal(g1, loaded.generate(torch.tensor([1, 3])))
+    # the weights are equal bit for bit (checked above); the outputs to float rounding only, because MKL's
+    # results can depend on where a tensor sits in memory (seen on an AMD CPU: 2e-6 apart; bit-equal with
+    # MKL_CBWR=COMPATIBLE)
+    assert torch.allclose(g1, loaded.generate(torch.tensor([1, 3])), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("method_name", ["c3gan", "slcgan"])
@@ -467,4 +470,5 @@ def test_model_loaded_for_inference_equals_the_saved_one(method_name, tmp_path):
             assert value.device == CPU and torch.equal(value, tensors[key]), f"{name}.{key}"
     c1, p1 = method.assign(data)
     c2, p2 = loaded.assign(data)
-    assert torch.equal(c1, c2) and torch.equal(p1, p2)
+    # equal to float rounding: MKL's results can depend on memory alignment (see the test above)
+    assert torch.equal(c1, c2) and torch.allclose(p1, p2, rtol=0, atol=1e-5)

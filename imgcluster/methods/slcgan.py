@@ -130,8 +130,8 @@ class SlcGAN:
         return z, k, F.one_hot(k, self.cfg.clusters).float()
 
     def augmented_view(self, real: torch.Tensor) -> torch.Tensor:
-        """T(x) of eq. 5: random resized crop, flip, colour jitter (the paper's cropping, colour jittering
-        and flipping), drawn from the cached image, (B, 3, S, S)."""
+        """T(x) of eq. 5: random resized crop, flip (unless slcgan.flip is false), colour jitter (the
+        paper's cropping, colour jittering and flipping), drawn from the cached image, (B, 3, S, S)."""
         x = augment.random_resized_crop(real, self.cfg.image_size, scale=self.s.crop_scale)
         return augment.color_jitter(augment.random_flip(x) if self.s.flip else x)
 

@@ -98,3 +98,10 @@ def multiview_consistency(logits: torch.Tensor, logits_aug: torch.Tensor, detach
     if detach_target:
         q = q.detach()
     return -(q * logits.log_softmax(dim=1)).sum(dim=1).mean()
+
+
+@fp32
+def mode_seeking_ratio(x1: torch.Tensor, x2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """MSGAN's ratio (Mao et al. 2019): mean |x1 - x2| / mean |z1 - z2| over pairs of samples drawn for the
+    same condition from different noise; x (B, ...), z (B, z_dim). Small when G ignores its noise."""
+    return (x1 - x2).abs().mean() / (z1 - z2).abs().mean()

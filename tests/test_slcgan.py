@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from imgcluster.augment import to_float
 from imgcluster.cli import app
 from imgcluster.config import ConfigError, load_preset, resolve_config
-from imgcluster.losses import hinge_d_split, hinge_g_split, multiview_consistency
+from imgcluster.losses import hinge_d_split, hinge_g_split, mode_seeking_ratio, multiview_consistency
 from imgcluster.methods import METHODS
 from imgcluster.models.slcgan import Discriminator, Generator, SlcGANConfig, build_clusterer
 from imgcluster.rundir import RunDir, load_model, save_config, save_model
@@ -167,6 +167,32 @@ def test_multiview_consistency_by_hand():
     assert torch.autograd.grad(multiview_consistency(p_logits, q_logits), q_logits)[0].abs().sum() > 0
     loss = multiview_consistency(p_logits.requires_grad_(True), q_logits, detach_target=True)
     assert torch.autograd.grad(loss, q_logits, allow_unused=True)[0] is None
+
+
+def test_mode_seeking_ratio_by_hand():
+    z1, z2 = torch.zeros(2, 4), torch.full((2, 4), 2.0)                  # mean |z1 - z2| = 2
+    x1, x2 = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.5)      # mean |x1 - x2| = 0.5
+    assert mode_seeking_ratio(x1, x2, z1, z2).item() == pytest.approx(0.25)
+    assert mode_seeking_ratio(x1, x1, z1, z2).item() == 0                  # G ignores z: ratio 0
+
+
+def test_diversity_term_pairs_samples_of_one_cluster_and_moves_g(monkeypatch):
+    torch.manual_seed(0)
+    m = METHODS["slcgan"](tiny_config(batch_size=8, w_diversity=1.0), CPU)
+    seen = []
+    forward = m.G.forward
+    monkeypatch.setattr(m.G, "forward", lambda z, y: seen.append(y.argmax(dim=1)) or forward(z, y))
+    m.G_train = m.G
+    g_before = snapshot(m.G)
+    out = m.g_step(8)
+    k = seen[0]
+    assert torch.equal(k[:4], k[4:])                                      # sample i + 4 has sample i's cluster
+    assert out["g_div"].item() > 0 and torch.isfinite(out["g_loss"])
+    assert not unchanged(m.G, g_before)
+    off = METHODS["slcgan"](tiny_config(batch_size=8), CPU).g_step(8)    # off by default: no pairs, no term
+    assert "g_div" not in off
+    with pytest.raises(ConfigError, match="slcgan.w_diversity"):
+        tiny_config(w_diversity=-1)
 
 
 # ---------------------------------------------------------------------------------------------

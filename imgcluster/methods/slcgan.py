@@ -20,7 +20,7 @@ from imgcluster import augment
 from imgcluster.config import ConfigError
 from imgcluster.methods.common import (building, cached_side, eval_view, place, recalibrate_batchnorm,
                                       training_handle)
-from imgcluster.losses import hinge_d_split, hinge_g_split, multiview_consistency
+from imgcluster.losses import hinge_d_split, hinge_g_split, mode_seeking_ratio, multiview_consistency
 from imgcluster.models.slcgan import Discriminator, Generator, SlcGANConfig, build_clusterer
 from imgcluster.precision import autocast, resolve_precision
 
@@ -41,6 +41,10 @@ class SlcGANSettings:
     w_adv: float = 1.0               # lambda_1, eq. 6
     w_mi: float = 1.0                # lambda_2: CE(C(G(z, c)), c), eq. 4
     w_aug: float = 1.0               # lambda_3: multi-view consistency, eq. 5
+    # Not in the paper: a mode-seeking term for G (Mao et al. 2019, MSGAN), 1 / (|G(z1, c) - G(z2, c)| /
+    # |z1 - z2|) over pairs drawn for the same cluster. Without it, on MNIST and Fashion-MNIST the CPU
+    # preset's G ends up ignoring z (one image per cluster; tests/bench/RESULTS.md). 0: off.
+    w_diversity: float = 0.0
     aug_detach_target: bool = False  # eq. 5 with q = softmax(C(T(x))) as a fixed target (see c_step)
     crop_scale: tuple[float, float] = (0.2, 1.0)  # T: RandomResizedCrop area range
     # Horizontal flips in T and in the real views of D and C (the paper's T flips). Off for folders where
@@ -66,6 +70,8 @@ class SlcGANSettings:
             raise ConfigError(f"slcgan.crop_scale: need 0 < low <= high <= 1, got {list(self.crop_scale)}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"slcgan.ema_decay: must be in [0, 1), got {self.ema_decay}")
+        if self.w_diversity < 0:
+            raise ConfigError(f"slcgan.w_diversity: must be at least 0, got {self.w_diversity}")
         if self.ema_start < 0:
             raise ConfigError(f"slcgan.ema_start: must be at least 0, got {self.ema_start}")
         if self.load_ratio < 1:
@@ -157,20 +163,30 @@ class SlcGAN:
 
     def g_step(self, batch: int) -> dict:
         """Algorithm 1 lines 16-21: fresh z, c; adversarial terms + eq. 4 CE through C; only G is updated."""
+        out = {}
         with autocast(self.device, self.amp):
             z, k, c = self.latents(batch)
+            half = batch // 2
+            if self.s.w_diversity:                                        # pairs: sample i + half has i's cluster
+                k[half:2 * half] = k[:half]
+                c = F.one_hot(k, self.cfg.clusters).float()
             x_fake = self.G_train(z, c)
             u_f, s_f = self.D(x_fake, c)
             g_adv = hinge_g_split(u_f, s_f)                               # line 20: mean(-u_f - s_f)
             g_mi = F.cross_entropy(self.C(x_fake).float(), k)             # line 21, eq. 4
             g_loss = self.s.w_adv * g_adv + self.s.w_mi * g_mi
+            if self.s.w_diversity:
+                g_div = mode_seeking_ratio(x_fake[:half], x_fake[half:2 * half], z[:half], z[half:2 * half])
+                g_loss = g_loss + self.s.w_diversity / (g_div + 1e-5)
+                out["g_div"] = g_div.detach()
         self.opt_g.zero_grad(set_to_none=True)
         # Gradients flow through D and C to G, but are accumulated into G's parameters only:
         # C is not updated by eq. 4 (the paper: better results, no shortcuts shared by G and C).
         g_loss.backward(inputs=list(self.G.parameters()))
         self.opt_g.step()
         self.update_ema()
-        return {"g_loss": g_loss.detach(), "g_adv": g_adv.detach(), "g_mi": g_mi.detach()}
+        out.update(g_loss=g_loss.detach(), g_adv=g_adv.detach(), g_mi=g_mi.detach())
+        return out
 
     def c_step(self, real: torch.Tensor) -> dict:
         """Algorithm 1 lines 22-28 on a real batch (B, 3, S0, S0); only C is updated."""

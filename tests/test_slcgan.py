@@ -176,7 +176,7 @@ def test_mode_seeking_ratio_by_hand():
     assert mode_seeking_ratio(x1, x1, z1, z2).item() == 0                  # G ignores z: ratio 0
 
 
-def test_diversity_term_pairs_samples_of_one_cluster_and_moves_g(monkeypatch):
+def test_diversity_term_pairs_samples_of_one_cluster_and_joins_g_loss(monkeypatch):
     torch.manual_seed(0)
     m = METHODS["slcgan"](tiny_config(batch_size=8, w_diversity=1.0), CPU)
     seen = []
@@ -187,7 +187,9 @@ def test_diversity_term_pairs_samples_of_one_cluster_and_moves_g(monkeypatch):
     out = m.g_step(8)
     k = seen[0]
     assert torch.equal(k[:4], k[4:])                                      # sample i + 4 has sample i's cluster
-    assert out["g_div"].item() > 0 and torch.isfinite(out["g_loss"])
+    assert out["g_div"].item() > 0
+    expected = out["g_adv"] + out["g_mi"] + 1.0 / (out["g_div"] + 1e-5)  # w_adv = w_mi = w_diversity = 1
+    assert out["g_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert not unchanged(m.G, g_before)
     off = METHODS["slcgan"](tiny_config(batch_size=8), CPU).g_step(8)    # off by default: no pairs, no term
     assert "g_div" not in off

@@ -43,7 +43,8 @@ class SlcGANSettings:
     w_aug: float = 1.0               # lambda_3: multi-view consistency, eq. 5
     # Not in the paper: a mode-seeking term for G (Mao et al. 2019, MSGAN), 1 / (|G(z1, c) - G(z2, c)| /
     # |z1 - z2|) over pairs drawn for the same cluster. Without it, on MNIST and Fashion-MNIST the CPU
-    # preset's G ends up ignoring z (one image per cluster; tests/bench/RESULTS.md). 0: off.
+    # preset's G ends up ignoring z (one image per cluster); with 1 its samples vary, but the clusters
+    # were no better (tests/bench/RESULTS.md), so every preset leaves it at 0 (off).
     w_diversity: float = 0.0
     aug_detach_target: bool = False  # eq. 5 with q = softmax(C(T(x))) as a fixed target (see c_step)
     crop_scale: tuple[float, float] = (0.2, 1.0)  # T: RandomResizedCrop area range

@@ -130,10 +130,14 @@ class SlcGAN:
 
     # Training --------------------------------------------------------------------------------
 
-    def latents(self, batch: int):
-        """Fresh z ~ N(0, I) (B, z_dim) and cluster codes k ~ uniform p_c (B,) with their one-hots (B, K)."""
+    def latents(self, batch: int, paired: bool = False):
+        """Fresh z ~ N(0, I) (B, z_dim) and cluster codes k ~ uniform p_c (B,) with their one-hots (B, K).
+        paired: sample i + B // 2 takes sample i's cluster (with its own z), for the mode-seeking term."""
         z = torch.randn(batch, self.s.z_dim, device=self.device)
         k = torch.randint(0, self.cfg.clusters, (batch,), device=self.device)
+        if paired:
+            half = batch // 2
+            k[half:2 * half] = k[:half]
         return z, k, F.one_hot(k, self.cfg.clusters).float()
 
     def augmented_view(self, real: torch.Tensor) -> torch.Tensor:
@@ -166,17 +170,14 @@ class SlcGAN:
         """Algorithm 1 lines 16-21: fresh z, c; adversarial terms + eq. 4 CE through C; only G is updated."""
         out = {}
         with autocast(self.device, self.amp):
-            z, k, c = self.latents(batch)
-            half = batch // 2
-            if self.s.w_diversity:                                        # pairs: sample i + half has i's cluster
-                k[half:2 * half] = k[:half]
-                c = F.one_hot(k, self.cfg.clusters).float()
+            z, k, c = self.latents(batch, paired=bool(self.s.w_diversity))
             x_fake = self.G_train(z, c)
             u_f, s_f = self.D(x_fake, c)
             g_adv = hinge_g_split(u_f, s_f)                               # line 20: mean(-u_f - s_f)
             g_mi = F.cross_entropy(self.C(x_fake).float(), k)             # line 21, eq. 4
             g_loss = self.s.w_adv * g_adv + self.s.w_mi * g_mi
             if self.s.w_diversity:
+                half = batch // 2
                 g_div = mode_seeking_ratio(x_fake[:half], x_fake[half:2 * half], z[:half], z[half:2 * half])
                 g_loss = g_loss + self.s.w_diversity / (g_div + 1e-5)
                 out["g_div"] = g_div.detach()

@@ -11,6 +11,7 @@ Run by hand, not by pytest:
     python tests/bench/train_speed.py --device cuda --sizes 128 --precision bf16 --batch-size 64 \
         --extra contiguous cudnn-benchmark compiled --flops --json speed.json
     python tests/bench/train_speed.py --preset slcgan-32-cpu --clusters 10 --precision fp32 bf16 --extra contiguous channels_last
+    python tests/bench/train_speed.py --preset slcgan-32-cpu --clusters 10 --variant c32 slcgan.c_width=32
 
 Inputs are real CUB-100 bird images from ../shared/data (or --archive; resized once in memory); random
 pixels if the archive is absent (the step's cost does not depend on content). On a GPU the images sit in
@@ -26,6 +27,8 @@ shared machine the load drifts between variants timed one after the other.
 whatever the default),
 `cudnn-benchmark` (cuDNN times its algorithms once per shape instead of its default choice),
 `compiled` (torch.compile, as `--compile`; its first steps, the compilation, are reported apart).
+--variant NAME KEY=VALUE [KEY=VALUE ...] (repeatable) times one more variant of each row with those
+settings, written as `train --set` takes them (e.g. `--variant d2 slcgan.d_steps=2`).
 --flops counts the matrix and convolution FLOPs of one step (torch.utils.flop_counter, forward and
 backward) and reports the achieved TFLOP/s and, on a GPU, the fraction of the bf16 peak: the dense bf16
 matrix-product rate measured in the same run (8192^3) and the datasheet figure (--peak-tflops).
@@ -47,7 +50,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imgcluster.config import load_preset, resolve_config
+from imgcluster.config import load_preset, parse_overrides, resolve_config
 from imgcluster.data import resize_square
 from imgcluster.methods import METHODS
 
@@ -173,6 +176,8 @@ def main() -> None:
     ap.add_argument("--no-literal", action="store_true", help="skip the literal-formulation comparison")
     ap.add_argument("--extra", nargs="+", default=[], choices=[v for v in VARIANTS if v not in ("imgcluster", "literal")],
                     help="variants timed beside each row")
+    ap.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME KEY=VALUE",
+                    help="time a variant of each row with these settings, as train's --set (repeatable)")
     ap.add_argument("--flops", action="store_true", help="count FLOPs per step; achieved TFLOP/s and fraction of peak")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="datasheet dense bf16 TFLOP/s of the GPU [H100 / H200 SXM: 989]")
@@ -180,6 +185,11 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table for RESULTS.md")
     ap.add_argument("--json", type=Path, help="also write the rows (and the device) to this JSON file")
     args = ap.parse_args()
+    for name, *pairs in args.variant:
+        if not pairs or name in VARIANTS:
+            ap.error(f"--variant {name}: needs a new name and at least one KEY=VALUE")
+        VARIANTS[name] = (parse_overrides(pairs), False)
+        args.extra.append(name)
     preset = load_preset(args.preset) if args.preset else {}
     args.method = args.method or preset.get("method", "c3gan")
     args.sizes = args.sizes or ([preset["image_size"]] if "image_size" in preset else [32, 64, 128])

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imgcluster.config import load_preset, parse_overrides, resolve_config
+from imgcluster.config import ConfigError, load_preset, parse_overrides, resolve_config
 from imgcluster.data import resize_square
 from imgcluster.methods import METHODS
 
@@ -188,7 +188,10 @@ def main() -> None:
     for name, *pairs in args.variant:
         if not pairs or name in VARIANTS:
             ap.error(f"--variant {name}: needs a new name and at least one KEY=VALUE")
-        VARIANTS[name] = (parse_overrides(pairs), False)
+        try:
+            VARIANTS[name] = (parse_overrides(pairs), False)
+        except ConfigError as e:
+            ap.error(f"--variant {name}: {e}")
         args.extra.append(name)
     preset = load_preset(args.preset) if args.preset else {}
     args.method = args.method or preset.get("method", "c3gan")

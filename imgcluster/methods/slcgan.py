@@ -265,12 +265,15 @@ class SlcGAN:
             recalibrate_batchnorm(self.C, (self.eval_view(b.to(self.device)) for b in batches))
 
     @torch.no_grad()
-    def assign(self, real_uint8: torch.Tensor):
-        """Cluster = argmax of C's logits; confidence = max softmax."""
+    def probabilities(self, real_uint8: torch.Tensor) -> torch.Tensor:
+        """softmax(C(x)) (B, K) of real images (B, S0, S0, 3) uint8, in eval mode."""
         self.C.eval()
         with autocast(self.device, self.assign_amp):
-            probs = self.C(self.eval_view(real_uint8.to(self.device))).float().softmax(dim=1)
-        conf, cluster = probs.max(dim=1)
+            return self.C(self.eval_view(real_uint8.to(self.device))).float().softmax(dim=1)
+
+    def assign(self, real_uint8: torch.Tensor):
+        """Cluster = argmax of C's logits; confidence = max softmax."""
+        conf, cluster = self.probabilities(real_uint8).max(dim=1)
         return cluster, conf
 
     @torch.no_grad()

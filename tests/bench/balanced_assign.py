@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from quality import folder_labels
 from imgcluster import metrics
+from imgcluster.inference import Upload, set_batches
 from imgcluster.pipeline import cache_size, prepare_images
-from imgcluster.precision import autocast
 from imgcluster.rundir import RunDir, load_model
 
 
@@ -38,17 +38,10 @@ def sinkhorn(log_probs: torch.Tensor, iterations: int) -> torch.Tensor:
     return q * n
 
 
-@torch.no_grad()
 def log_probs_of(method, images, batch_size: int = 500) -> torch.Tensor:
-    """C's log-softmax over the usable cached images, as `assign` computes its argmax (eval mode)."""
-    method.C.eval()
-    rows = images.good_indices
-    out = []
-    for start in range(0, len(rows), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images.images[rows[start:start + batch_size]]))
-        with autocast(method.device, method.assign_amp):
-            out.append(method.C(method.eval_view(batch)).float().log_softmax(dim=1))
-    return torch.cat(out)
+    """log softmax(C(x)) over the usable cached images, as `assign` computes its argmax."""
+    batches = set_batches(images, batch_size, Upload(method.device))
+    return torch.cat([method.probabilities(b.pixels).log() for b in batches if b.pixels is not None])
 
 
 def score(run_dir: Path, iterations: int) -> dict:
@@ -56,7 +49,7 @@ def score(run_dir: Path, iterations: int) -> dict:
     if cfg.method != "slcgan":
         raise SystemExit(f"{run_dir}: a {cfg.method} run; this compares slcGAN's argmax C(x) only")
     images = prepare_images(Path(cfg.data_dir), cache_size(cfg))
-    labels = [Path(images.files[i]).parent.name for i in images.good_indices]
+    labels = folder_labels([images.files[i] for i in images.good_indices])
     log_probs = log_probs_of(method, images)
     argmax = log_probs.argmax(dim=1).numpy()
     balanced = sinkhorn(log_probs, iterations).argmax(dim=1).numpy()

@@ -334,6 +334,9 @@ def test_method_forward_backward_step_save_load_assign_generate(method_name, tmp
     cluster, conf = method.assign(data[:6])
     assert cluster.shape == conf.shape == (6,) and 0 <= cluster.min() and cluster.max() < 5
     assert (conf > 0).all() and (conf <= 1).all()
+    probs = method.probabilities(data[:6])             # what assign reads: argmax and max per image
+    assert probs.shape == (6, 5) and torch.allclose(probs.sum(dim=1), torch.ones(6))
+    assert torch.equal(probs.argmax(dim=1), cluster) and torch.equal(probs.amax(dim=1), conf)
 
     # backward + one training step: every network with an optimiser moves
     before = {name: snapshot(net) for name, net in method.networks().items()}

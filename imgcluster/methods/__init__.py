@@ -7,7 +7,8 @@
     recalibrate(batches)          prepare for inference after training (may do nothing)
     cache_size(cfg)               side of the cached images it trains on (static)
     eval_view(uint8 batch)        the float view inference and sheets use
-    assign(uint8 batch)           (cluster, confidence) per image
+    probabilities(uint8 batch)    (B, K) cluster probabilities per image, in eval mode
+    assign(uint8 batch)           (cluster, confidence) per image: argmax and max of probabilities
     generate(cluster indices)     images in [-1, 1]
     clusterer                     name of the attribute holding the network that assign/recalibrate use
 

@@ -183,13 +183,17 @@ class C3GAN:
             recalibrate_batchnorm(self.D, (self.eval_view(b.to(self.device)) for b in batches))
 
     @torch.no_grad()
-    def assign(self, real_uint8: torch.Tensor):
-        """Cluster = argmax cosine similarity to the centroids; confidence = softmax of the logits."""
+    def probabilities(self, real_uint8: torch.Tensor) -> torch.Tensor:
+        """Softmax (B, K) of D's cluster logits (cosine similarity to the centroids over the temperature)
+        for real images (B, S0, S0, 3) uint8, in eval mode."""
         self.D.eval()
         with autocast(self.device, self.assign_amp):
             _, h = self.D(self.eval_view(real_uint8.to(self.device)))
-            probs = self.D.cluster_logits(h).float().softmax(dim=1)
-        conf, cluster = probs.max(dim=1)
+            return self.D.cluster_logits(h).float().softmax(dim=1)
+
+    def assign(self, real_uint8: torch.Tensor):
+        """Cluster = argmax cosine similarity to the centroids; confidence = max softmax."""
+        conf, cluster = self.probabilities(real_uint8).max(dim=1)
         return cluster, conf
 
     @torch.no_grad()

@@ -17,6 +17,8 @@ each seed's run directory is copied and resumed, which continues exactly where i
     python tests/bench/quality.py --extend tests/bench/quality/mnist-X.json --steps 4000 --tag X-4000
 
 With --extend, --set-option goes to the resumed `train` (what a resume may change, e.g. precision, memory_format).
+An --extend that was stopped part-way (killed) continues from its copies' checkpoints when run again with the
+same --tag and --steps; the training time logged before it stopped is counted in wall_s.
 
 The baseline is the one a user reaches in five lines of scikit-learn: k-means with k = number of classes on
 50 PCA components of the raw pixels, centre-cropped and resized to --size (the same cached pixels imgcluster
@@ -40,6 +42,7 @@ import numpy as np
 import yaml
 
 from imgcluster import metrics
+from imgcluster.checkpoint import read_metadata
 from imgcluster.data import load_image_set, scan_folder
 
 from shared_sets import SHARED
@@ -210,18 +213,45 @@ def extend(path: Path, args) -> None:
     for seed in seeds:
         before = runs[seed]
         source, run_dir = run_dir_of(args.work, earlier, seed), run_dir_of(args.work, record, seed)
-        if not (source / "checkpoint" / "state.safetensors").is_file():
-            sys.exit(f"--extend: {source} holds no checkpoint to resume")
-        shutil.rmtree(run_dir, ignore_errors=True)
-        shutil.copytree(source, run_dir)
+        interrupted_s = interrupted_extension_s(run_dir, earlier["steps"], args.steps)
+        if interrupted_s is None:
+            if not (source / "checkpoint" / "state.safetensors").is_file():
+                sys.exit(f"--extend: {source} holds no checkpoint to resume")
+            shutil.rmtree(run_dir, ignore_errors=True)
+            shutil.copytree(source, run_dir)
+            interrupted_s = 0.0
+        else:
+            print(f"seed {seed}: continuing the interrupted extension in {run_dir} "
+                  f"({interrupted_s:.0f} s of training logged before it stopped)", file=sys.stderr, flush=True)
         folder = Path(yaml_load(run_dir / "config.yaml")["data_dir"])
         cmd = [sys.executable, "-m", "imgcluster", "train", str(folder), "--out", str(run_dir),
                "--steps", str(args.steps), "--quiet", "--device", args.device]
         result = timed_train(cmd + set_options(args), run_dir)     # what a resume may change, e.g. precision
-        result["wall_s"] = round(before["wall_s"] + result["wall_s"], 1)
+        result["wall_s"] = round(before["wall_s"] + interrupted_s + result["wall_s"], 1)
         record["imgcluster"].append(result)
         report_seed(seed, result)
     write_record(record, args.out)
+
+
+def interrupted_extension_s(run_dir: Path, start: int, steps: int) -> float | None:
+    """When `run_dir` is an extension to `steps` that stopped part-way (killed: its checkpoint lies after
+    `start`, before `steps`), the training time its processes logged from `start` to the checkpoint: the
+    last `elapsed_s` of each process (elapsed_s restarts with each process). None when there is none."""
+    state = run_dir / "checkpoint" / "state.safetensors"
+    if not state.is_file() or yaml_load(run_dir / "config.yaml")["steps"] != steps:
+        return None
+    reached = int(read_metadata(state)["step"])
+    if not start < reached < steps:
+        return None
+    total, previous = 0.0, 0.0
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if not start < record["step"] <= reached:
+            continue
+        if record["elapsed_s"] < previous:            # a new process: the last one's time is complete
+            total += previous
+        previous = record["elapsed_s"]
+    return total + previous
 
 
 def yaml_load(path: Path) -> dict:

@@ -317,6 +317,47 @@ def test_ema_generator_averages_and_samples():
     assert torch.equal(a, m.G_ema(torch.randn(2, m.s.z_dim), torch.eye(10)[:2]))
 
 
+def test_ema_clusterer_averages_after_each_c_step_and_assigns():
+    """slcgan.c_ema: C_ema follows C with decay min(c_ema_decay, (1 + n) / (10 + n)) after n C steps,
+    training itself is unchanged, and assign / recalibrate / selection use C_ema instead of C."""
+    cfg_plain, cfg_ema = tiny_config(batch_size=8), tiny_config(batch_size=8, c_ema=True, c_ema_decay=0.5)
+    torch.manual_seed(0)
+    plain = METHODS["slcgan"](cfg_plain, CPU)
+    torch.manual_seed(0)
+    m = METHODS["slcgan"](cfg_ema, CPU)
+    assert m.clusterer == "C_ema" and plain.clusterer == "C" and "clusterer_ema" in m.networks()
+    data = real_data(cfg_ema, batches=per_step(m))
+    torch.manual_seed(1)
+    plain.train_step(data)
+    start = snapshot(m.C)
+    torch.manual_seed(1)
+    m.train_step(data)
+    # Training is unchanged: C (and the losses' random draws) as without the average.
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(m.C), snapshot(plain.C)))
+    # After 1 C step the decay is min(0.5, 2 / 11) = 2 / 11; buffers are copied.
+    assert all(torch.allclose(e, 2 / 11 * s + 9 / 11 * p)
+               for e, s, p in zip(m.C_ema.parameters(), start, m.C.parameters()))
+    assert all(torch.equal(e, b) for e, b in zip(m.C_ema.buffers(), m.C.buffers()))
+    assert not any(p.requires_grad for p in m.C_ema.parameters())
+    before = snapshot(m.C_ema)
+    m.train_step(data)                                   # n = 2: min(0.5, 3 / 12) = 0.25
+    assert all(torch.allclose(e, 0.25 * b + 0.75 * p)
+               for e, b, p in zip(m.C_ema.parameters(), before, m.C.parameters()))
+    # Inference reads C_ema: its BatchNorm statistics are re-estimated, C's are left as training left them.
+    c_stats = [b.clone() for b in m.C.buffers()]
+    m.recalibrate(data.split(cfg_ema.batch_size))
+    assert all(torch.equal(a, b) for a, b in zip(m.C.buffers(), c_stats))
+    with torch.no_grad():
+        expected = m.C_ema(m.eval_view(data)).softmax(dim=1)
+        other = m.C.eval()(m.eval_view(data)).softmax(dim=1)
+    assert not torch.allclose(expected, other)
+    cluster, conf = m.assign(data)
+    assert torch.allclose(conf, expected.max(dim=1).values, atol=1e-6)
+    assert torch.equal(cluster, expected.argmax(dim=1))
+    with pytest.raises(ConfigError, match="slcgan.c_ema_decay"):
+        tiny_config(c_ema_decay=1.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Both methods through the same protocol
 # ---------------------------------------------------------------------------------------------
@@ -481,7 +522,7 @@ def test_model_loaded_for_inference_equals_the_saved_one(method_name, tmp_path):
     """load_model builds the networks on the meta device (no initialisation) and allocates them before
     loading: every parameter and buffer must come from the file, so none may be left out of the state
     dict (a non-persistent buffer would stay uninitialised), and the loaded model must be the saved one."""
-    slcgan = {"ema": True, "c_spectral_norm": True}    # every optional network and parametrization
+    slcgan = {"ema": True, "c_ema": True, "c_spectral_norm": True}   # every optional network and parametrization
     cfg = tiny_config(method_name, clusters=6, **(slcgan if method_name == "slcgan" else {}))
     torch.manual_seed(0)
     method = METHODS[method_name](cfg, CPU)

@@ -81,3 +81,20 @@ def recalibrate_batchnorm(net: nn.Module, views) -> None:
     for bn, momentum in zip(bns, momenta):
         bn.momentum = momentum
     net.eval()
+
+
+def optimizer_steps(opt: torch.optim.Optimizer, net: nn.Module) -> int:
+    """Steps `opt` has taken on `net`'s first parameter (0 before the first). Adam keeps the count on
+    the CPU, so reading it does not wait for the GPU."""
+    state = opt.state.get(next(iter(net.parameters())))
+    return int(state["step"]) if state else 0
+
+
+@torch.no_grad()
+def average_into(average: nn.Module, net: nn.Module, decay: float) -> None:
+    """One step of an exponential moving average: average <- decay * average + (1 - decay) * net for
+    parameters; buffers (BatchNorm statistics, spectral-norm vectors) are copied."""
+    for p_avg, p in zip(average.parameters(), net.parameters()):
+        p_avg.lerp_(p, 1.0 - decay)
+    for b_avg, b in zip(average.buffers(), net.buffers()):
+        b_avg.copy_(b)

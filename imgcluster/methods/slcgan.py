@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from imgcluster import augment
 from imgcluster.config import ConfigError
-from imgcluster.methods.common import (building, cached_side, eval_view, place, recalibrate_batchnorm,
-                                      training_handle)
+from imgcluster.methods.common import (average_into, building, cached_side, eval_view, optimizer_steps, place,
+                                      recalibrate_batchnorm, training_handle)
 from imgcluster.losses import hinge_d_split, hinge_g_split, mode_seeking_ratio, multiview_consistency
 from imgcluster.models.slcgan import Discriminator, Generator, SlcGANConfig, build_clusterer
 from imgcluster.precision import autocast, resolve_precision
@@ -55,6 +55,13 @@ class SlcGANSettings:
     ema: bool = False                # keep an exponential moving average of G for sampling
     ema_decay: float = 0.9999
     ema_start: int = 1000            # G steps before averaging starts (the copy follows G until then)
+    # Not in the paper: an exponential moving average of C's weights, which `assign`, label-free
+    # selection and the sample sheets then use instead of C (its BatchNorm statistics are re-estimated
+    # on real images like C's). C's clusters move from one step to the next: on MNIST one run scored ACC
+    # 0.922 at step 4,750 and 0.869 at 4,800. The average is over about 1 / (1 - c_ema_decay) C steps,
+    # fewer at first: decay min(c_ema_decay, (1 + n) / (10 + n)) after n C steps. Training is unchanged.
+    c_ema: bool = False
+    c_ema_decay: float = 0.998
     load_ratio: float = 9 / 8        # images are cached at image_size * load_ratio, then cropped
     recalibrate_bn: bool = True      # re-estimate C's BatchNorm statistics on real images before inference
 
@@ -69,8 +76,9 @@ class SlcGANSettings:
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise ConfigError(f"slcgan.crop_scale: need 0 < low <= high <= 1, got {list(self.crop_scale)}")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"slcgan.ema_decay: must be in [0, 1), got {self.ema_decay}")
+        for key in ("ema_decay", "c_ema_decay"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"slcgan.{key}: must be in [0, 1), got {getattr(self, key)}")
         if self.w_diversity < 0:
             raise ConfigError(f"slcgan.w_diversity: must be at least 0, got {self.w_diversity}")
         if self.ema_start < 0:
@@ -82,7 +90,9 @@ class SlcGANSettings:
 class SlcGAN:
     name = "slcgan"
     Settings = SlcGANSettings
-    clusterer = "C"                # the network `assign` and `recalibrate` use
+    # The network `assign` and `recalibrate` use: C, or its average C_ema when slcgan.c_ema is set
+    # (the instance attribute set in __init__).
+    clusterer = "C"
     # The loop hands train_step this many consecutive real batches per step: one per D step.
     # The instance attribute set in __init__ follows the setting d_steps (default 2).
     real_batches_per_step = 2
@@ -94,6 +104,7 @@ class SlcGAN:
         s: SlcGANSettings = cfg.method_settings
         self.cfg, self.s, self.device = cfg, s, device
         self.real_batches_per_step = s.d_steps
+        self.clusterer = "C_ema" if s.c_ema else "C"
         self.net_cfg = SlcGANConfig(image_size=cfg.image_size, clusters=cfg.clusters, z_dim=s.z_dim,
                                     ch=s.ch, embed_dim=s.embed_dim, c_width=s.c_width,
                                     c_spectral_norm=s.c_spectral_norm)
@@ -105,6 +116,7 @@ class SlcGAN:
         self.G_ema = None
         if s.ema:
             self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.C_ema = copy.deepcopy(self.C).eval().requires_grad_(False) if s.c_ema else None
         if not training:
             return
         # What each network's own update step calls (DDP under torchrun, compiled on request).
@@ -123,6 +135,8 @@ class SlcGAN:
         nets = {"generator": self.G, "discriminator": self.D, "clusterer": self.C}
         if self.G_ema is not None:
             nets["generator_ema"] = self.G_ema
+        if self.C_ema is not None:
+            nets["clusterer_ema"] = self.C_ema
         return nets
 
     def optimizers(self) -> dict:
@@ -210,6 +224,7 @@ class SlcGAN:
         self.opt_c.zero_grad(set_to_none=True)
         c_loss.backward(inputs=list(self.C.parameters()))                 # D's embedding E is not updated
         self.opt_c.step()
+        self.update_c_ema()
         with torch.no_grad():
             used = torch.zeros(self.cfg.clusters, device=self.device)
             used[logits.argmax(dim=1)] = 1
@@ -239,19 +254,21 @@ class SlcGAN:
         out.update(self.c_step(real[0]))                                  # (3) C
         return out
 
-    @torch.no_grad()
     def update_ema(self) -> None:
         """G_ema <- decay * G_ema + (1 - decay) * G for parameters; buffers (BN statistics, spectral-norm
         vectors) are copied. Before ema_start G steps the copy just follows G (BigGAN's ema_start)."""
         if self.G_ema is None:
             return
-        state = self.opt_g.state.get(next(iter(self.G.parameters())))
-        g_steps = int(state["step"]) if state else 0                      # Adam keeps it on the CPU: no sync
-        decay = self.s.ema_decay if g_steps > self.s.ema_start else 0.0
-        for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
-            p_ema.lerp_(p, 1.0 - decay)
-        for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
-            b_ema.copy_(b)
+        g_steps = optimizer_steps(self.opt_g, self.G)
+        average_into(self.G_ema, self.G, self.s.ema_decay if g_steps > self.s.ema_start else 0.0)
+
+    def update_c_ema(self) -> None:
+        """C_ema <- decay * C_ema + (1 - decay) * C, decay min(c_ema_decay, (1 + n) / (10 + n)) after n C
+        steps (early steps are averaged over fewer); buffers are copied."""
+        if self.C_ema is None:
+            return
+        n = optimizer_steps(self.opt_c, self.C)
+        average_into(self.C_ema, self.C, min(self.s.c_ema_decay, (1 + n) / (10 + n)))
 
     # Inference -------------------------------------------------------------------------------
 
@@ -262,17 +279,18 @@ class SlcGAN:
         """Re-estimate C's BatchNorm statistics on real images alone: during training they mix real weak
         views, augmented views and fakes (the eq. 4 pass), and at inference C sees real images only."""
         if self.s.recalibrate_bn:
-            recalibrate_batchnorm(self.C, (self.eval_view(b.to(self.device)) for b in batches))
+            recalibrate_batchnorm(getattr(self, self.clusterer), (self.eval_view(b.to(self.device)) for b in batches))
 
     @torch.no_grad()
     def probabilities(self, real_uint8: torch.Tensor) -> torch.Tensor:
-        """softmax(C(x)) (B, K) of real images (B, S0, S0, 3) uint8, in eval mode."""
-        self.C.eval()
+        """softmax(C(x)) (B, K) of real images (B, S0, S0, 3) uint8, in eval mode (C_ema's when kept)."""
+        net = getattr(self, self.clusterer)
+        net.eval()
         with autocast(self.device, self.assign_amp):
-            return self.C(self.eval_view(real_uint8.to(self.device))).float().softmax(dim=1)
+            return net(self.eval_view(real_uint8.to(self.device))).float().softmax(dim=1)
 
     def assign(self, real_uint8: torch.Tensor):
-        """Cluster = argmax of C's logits; confidence = max softmax."""
+        """Cluster = argmax of C's (or C_ema's) logits; confidence = max softmax."""
         conf, cluster = self.probabilities(real_uint8).max(dim=1)
         return cluster, conf
 

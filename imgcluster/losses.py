@@ -5,6 +5,8 @@ Every term runs in fp32, also inside a bf16 autocast region (`precision.fp32`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -98,6 +100,14 @@ def multiview_consistency(logits: torch.Tensor, logits_aug: torch.Tensor, detach
     if detach_target:
         q = q.detach()
     return -(q * logits.log_softmax(dim=1)).sum(dim=1).mean()
+
+
+@fp32
+def marginal_entropy_gap(logits: torch.Tensor) -> torch.Tensor:
+    """log K - H(mean softmax(logits)), logits (B, K): 0 when the batch uses every cluster equally,
+    log K when it all goes to one (the marginal term of SCAN's loss, Van Gansbeke et al. 2020)."""
+    q_mean = logits.softmax(dim=1).mean(dim=0)
+    return math.log(logits.shape[1]) + (q_mean * q_mean.clamp_min(1e-12).log()).sum()
 
 
 @fp32

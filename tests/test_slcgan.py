@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from imgcluster.augment import to_float
 from imgcluster.cli import app
 from imgcluster.config import ConfigError, load_preset, resolve_config
-from imgcluster.losses import hinge_d_split, hinge_g_split, mode_seeking_ratio, multiview_consistency
+from imgcluster.losses import (hinge_d_split, hinge_g_split, marginal_entropy_gap, mode_seeking_ratio,
+                               multiview_consistency)
 from imgcluster.methods import METHODS
 from imgcluster.models.slcgan import Discriminator, Generator, SlcGANConfig, build_clusterer
 from imgcluster.rundir import RunDir, load_model, save_config, save_model
@@ -150,6 +151,33 @@ def test_unary_joint_hinge_split_by_hand():
     assert torch.autograd.grad(joint, u_f, allow_unused=True)[0] is None
     # G side: mean(-u_f - s_f) = -(-1) - (-1.25)
     assert hinge_g_split(u_f, s_f).item() == pytest.approx(2.25)
+
+
+def test_marginal_entropy_gap_by_hand():
+    k = 4
+    assert marginal_entropy_gap(torch.eye(k) * 50).item() == pytest.approx(0.0, abs=1e-6)   # one image per cluster
+    assert marginal_entropy_gap(torch.zeros(3, k)).item() == pytest.approx(0.0, abs=1e-6)   # all uniform
+    one = torch.zeros(5, k)
+    one[:, 2] = 50
+    assert marginal_entropy_gap(one).item() == pytest.approx(math.log(k), abs=1e-5)        # all in cluster 2
+    logits = torch.randn(6, k)
+    q = logits.softmax(1).mean(0)
+    assert marginal_entropy_gap(logits).item() == pytest.approx(math.log(k) + (q * q.log()).sum().item(), abs=1e-6)
+
+
+def test_balance_term_joins_c_loss_when_weighted():
+    cfg = tiny_config(batch_size=8, w_balance=2.0)
+    torch.manual_seed(0)
+    m = METHODS["slcgan"](cfg, CPU)
+    m.C_train = m.C
+    real = to_float(real_data(cfg))
+    torch.manual_seed(1)
+    out = m.c_step(real)
+    assert out["c_loss"].item() == pytest.approx((out["c_adv"] + out["c_aug"] + 2.0 * out["c_balance"]).item(), rel=1e-5)
+    assert 0 < out["c_balance"].item() <= math.log(cfg.clusters)
+    assert "c_balance" not in METHODS["slcgan"](tiny_config(batch_size=8), CPU).c_step(real)    # off by default
+    with pytest.raises(ConfigError, match="slcgan.w_balance"):
+        tiny_config(w_balance=-1)
 
 
 def test_multiview_consistency_by_hand():

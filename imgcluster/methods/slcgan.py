@@ -20,7 +20,8 @@ from imgcluster import augment
 from imgcluster.config import ConfigError
 from imgcluster.methods.common import (average_into, building, cached_side, eval_view, optimizer_steps, place,
                                       recalibrate_batchnorm, training_handle)
-from imgcluster.losses import hinge_d_split, hinge_g_split, mode_seeking_ratio, multiview_consistency
+from imgcluster.losses import (hinge_d_split, hinge_g_split, marginal_entropy_gap, mode_seeking_ratio,
+                               multiview_consistency)
 from imgcluster.models.slcgan import Discriminator, Generator, SlcGANConfig, build_clusterer
 from imgcluster.precision import autocast, resolve_precision
 
@@ -46,6 +47,11 @@ class SlcGANSettings:
     # preset's G ends up ignoring z (one image per cluster); with 1 its samples vary, but the clusters
     # were no better (tests/bench/RESULTS.md), so every preset leaves it at 0 (off).
     w_diversity: float = 0.0
+    # Not in the paper: w_balance * (log K - H(mean_batch softmax(C(x)))) in C's loss (SCAN's marginal
+    # entropy term), which keeps every cluster in use: C's updates otherwise let clusters empty out (MNIST
+    # seed 5 of the CPU preset with flips off and spectral norm in C ended with 3 of 10 empty). It assumes
+    # clusters of similar size; 0 (off) in every preset unless its comment says otherwise.
+    w_balance: float = 0.0
     aug_detach_target: bool = False  # eq. 5 with q = softmax(C(T(x))) as a fixed target (see c_step)
     crop_scale: tuple[float, float] = (0.2, 1.0)  # T: RandomResizedCrop area range
     # Horizontal flips in T and in the real views of D and C (the paper's T flips). Off for folders where
@@ -79,8 +85,9 @@ class SlcGANSettings:
         for key in ("ema_decay", "c_ema_decay"):
             if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(f"slcgan.{key}: must be in [0, 1), got {getattr(self, key)}")
-        if self.w_diversity < 0:
-            raise ConfigError(f"slcgan.w_diversity: must be at least 0, got {self.w_diversity}")
+        for key in ("w_diversity", "w_balance"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"slcgan.{key}: must be at least 0, got {getattr(self, key)}")
         if self.ema_start < 0:
             raise ConfigError(f"slcgan.ema_start: must be at least 0, got {self.ema_start}")
         if self.load_ratio < 1:
@@ -221,6 +228,11 @@ class SlcGAN:
         # versions"). aug_detach_target=True reads eq. 5 as a cross-entropy with q as a fixed target.
         c_aug = multiview_consistency(logits, logits_t, detach_target=self.s.aug_detach_target)
         c_loss = self.s.w_adv * c_adv + self.s.w_aug * c_aug
+        out = {}
+        if self.s.w_balance:
+            c_balance = marginal_entropy_gap(logits)                      # weak views only, as SCAN's anchors
+            c_loss = c_loss + self.s.w_balance * c_balance
+            out["c_balance"] = c_balance.detach()
         self.opt_c.zero_grad(set_to_none=True)
         c_loss.backward(inputs=list(self.C.parameters()))                 # D's embedding E is not updated
         self.opt_c.step()
@@ -228,8 +240,8 @@ class SlcGAN:
         with torch.no_grad():
             used = torch.zeros(self.cfg.clusters, device=self.device)
             used[logits.argmax(dim=1)] = 1
-        return {"c_loss": c_loss.detach(), "c_adv": c_adv.detach(), "c_aug": c_aug.detach(),
-                "clusters_in_batch": used.sum()}
+        out.update(c_loss=c_loss.detach(), c_adv=c_adv.detach(), c_aug=c_aug.detach(), clusters_in_batch=used.sum())
+        return out
 
     def train_step(self, real_uint8: torch.Tensor) -> dict:
         """d_steps D steps (one real batch each), one G step, one C step; returns detached losses.

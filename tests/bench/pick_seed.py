@@ -1,0 +1,84 @@
+"""Which of several seeds to keep, without labels: finished slcGAN runs of one command line, rated.
+
+Run by hand, not by pytest, on run directories of a labelled folder (one sub-folder per class, as
+tests/bench/quality.py trains on) that differ only in --seed:
+
+    python tests/bench/pick_seed.py ~/.cache/imgcluster-bench/runs/mnist-slcgan-32-cpu-bf16-noflip-csn-4800-32-s*
+
+For each run, two label-free figures of the step model.safetensors holds: its cluster balance (written
+by label-free selection into the file's metadata; 1 = every cluster equally used) and C's eq. 5 loss
+(c_aug in metrics.jsonl: the cross-entropy between C's clusters of an image and of its augmented view)
+averaged over the WINDOW steps up to that step. Then ACC / NMI of the run's assignments.csv against the
+folder labels, which the rule does not see.
+
+The rule: among the runs whose balance is within TOLERANCE of the best balance, keep the one with the
+lowest c_aug (clusters that augmentations do not move). For every subset of --choose runs it prints the
+mean ACC the rule keeps, against the mean of all runs (one seed, as a user gets without the rule) and the
+mean of the best run of each subset (what labels would keep).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+from pathlib import Path
+
+from quality import folder_labels
+from imgcluster import metrics
+from imgcluster.assignments import read_assignments
+from imgcluster.checkpoint import read_metadata
+from imgcluster.rundir import RunDir, read_config
+
+WINDOW = 500
+
+
+def rate(run: Path) -> dict:
+    rd = RunDir(run)
+    meta = read_metadata(rd.model)
+    step, balance = int(meta["step"]), float(meta["cluster_balance"])
+    rows = [json.loads(line) for line in rd.metrics.read_text().splitlines()]
+    window = [r["c_aug"] for r in rows if step - WINDOW < r["step"] <= step]
+    if not window:
+        raise SystemExit(f"{rd.metrics}: no c_aug logged in steps {step - WINDOW + 1}-{step}")
+    assigned = [a for a in read_assignments(rd.assignments) if a.cluster is not None]
+    clusters = int(read_config(rd)["clusters"])
+    found = metrics.evaluate(folder_labels([a.path for a in assigned]), [a.cluster for a in assigned], clusters)
+    return {"run": run.name, "step": step, "balance": round(balance, 4),
+            "c_aug": round(statistics.fmean(window), 4), "acc": found["acc"], "nmi": round(found["nmi"], 4)}
+
+
+def keep(runs: list[dict], tolerance: float) -> dict:
+    top = max(r["balance"] for r in runs)
+    return min((r for r in runs if r["balance"] >= top - tolerance), key=lambda r: r["c_aug"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--choose", type=int, nargs="+", default=[2, 3], help="subset sizes to rate the rule on")
+    ap.add_argument("--tolerance", type=float, default=0.05, help="balance within this of the best")
+    args = ap.parse_args()
+    rows = [rate(run) for run in args.runs]
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    print("\n| run | step held | balance | c_aug (last 500 steps) | ACC / NMI |\n| --- | --- | --- | --- | --- |")
+    for r in sorted(rows, key=lambda r: r["c_aug"]):
+        print(f"| {r['run']} | {r['step']} | {r['balance']:.3f} | {r['c_aug']:.3f} | {r['acc']:.3f} / {r['nmi']:.3f} |")
+    print(f"\nOne run, any seed: mean ACC {statistics.fmean(r['acc'] for r in rows):.3f}, "
+          f"NMI {statistics.fmean(r['nmi'] for r in rows):.3f} ({len(rows)} runs)")
+    for n in args.choose:
+        if n > len(rows):
+            continue
+        subsets = list(itertools.combinations(rows, n))
+        kept = [keep(list(s), args.tolerance) for s in subsets]
+        best = [max(s, key=lambda r: r["acc"]) for s in subsets]
+        print(f"Best of {n} ({len(subsets)} subsets), tolerance {args.tolerance}: the rule keeps mean ACC "
+              f"{statistics.fmean(r['acc'] for r in kept):.3f} (worst {min(r['acc'] for r in kept):.3f}), "
+              f"NMI {statistics.fmean(r['nmi'] for r in kept):.3f}; labels would keep "
+              f"{statistics.fmean(r['acc'] for r in best):.3f}")
+
+
+if __name__ == "__main__":
+    main()

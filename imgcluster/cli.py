@@ -258,6 +258,11 @@ def run_training(cfg, run, device, resuming: bool, quiet: bool, strict: bool = F
     else:
         console.info(f"model.safetensors holds the last step, {chosen['step']} "
                      f"(cluster balance {chosen['cluster_balance']:.3f})")
+    seeds = chosen["consistency"]
+    if seeds is not None:
+        console.info(f"{seeds['loss']} over steps {seeds['first_step']}-{seeds['last_step']}: {seeds['mean']:.3f}; "
+                     f"between seeds of one command, keep a run with a high cluster balance and a low "
+                     f"{seeds['loss']} (README, \"Several seeds\")")
     summary = pipeline.finish_run(run, device, images)
     console.info(f"assigned {summary['images']} images to {summary['clusters_used']} of {cfg.clusters} clusters: "
                  f"{run.assignments}; sheets in {run.sheets}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -62,6 +64,7 @@ def test_model_holds_the_best_balanced_checkpoint(mnist_200, tmp_path, scripted_
     result = train(mnist_200, *COMMON, "--steps", 20, "--out", out)
     assert result.exit_code == 0
     assert "holds step 10" in result.stderr and "select_model=last" in result.stderr
+    assert "between seeds" not in result.stderr        # C3-GAN has no consistency loss to rate seeds by
     meta = read_metadata(out / "model.safetensors")
     assert meta["step"] == "10" and float(meta["cluster_balance"]) == 0.9
     cfg, method = load_model(RunDir(out), torch.device("cpu"))   # a whole, loadable model
@@ -102,3 +105,14 @@ def test_select_model_last_keeps_the_last_step(mnist_200, tmp_path, scripted_sco
     assert result.exit_code == 0 and "holds the last step, 20" in result.stderr
     assert read_metadata(out / "model.safetensors")["step"] == "20"
     assert not (out / "checkpoint" / "best-model.safetensors").exists()
+
+
+def test_recent_mean_averages_the_window_up_to_a_step(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    assert selection.recent_mean(metrics, "c_aug", 10) is None                      # no file yet
+    rows = [{"step": s, "c_aug": float(s)} for s in (100, 200, 300, 400, 500, 600)] + [{"step": 700}]
+    metrics.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"step": 800, "c_au\n')   # a cut-off line
+    assert selection.recent_mean(metrics, "c_aug", 600) == pytest.approx(400.0)     # steps 101-600: 200..600
+    assert selection.recent_mean(metrics, "c_aug", 250, window=200) == pytest.approx(150.0)   # steps 51-250
+    assert selection.recent_mean(metrics, "c_aug", 800) == pytest.approx(500.0)     # 700 lacks the key
+    assert selection.recent_mean(metrics, "g_mi", 600) is None

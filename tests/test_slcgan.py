@@ -518,6 +518,8 @@ def test_cli_train_slcgan_then_evaluate(mnist_200, tmp_path):
     assert cfg["method"] == "slcgan" and cfg["slcgan"]["ch"] == 16 and cfg["image_size"] == 16
     (record,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert record["step"] == 2 and {"d_unary", "d_joint", "g_adv", "g_mi", "c_adv", "c_aug"} <= set(record)
+    # The figure that rates this run against other seeds: c_aug's mean over the steps up to the one kept.
+    assert f"c_aug over steps 1-2: {record['c_aug']:.3f}; between seeds" in result.stderr
 
     result = run("evaluate", out, "--labels-from-folders", "--json")
     assert result.exit_code == 0, result.stderr

@@ -19,6 +19,9 @@ Optional:
                                   k = (step - 1) * r + j, j = 0..r-1, concatenated in that order, so exact
                                   resume holds and r = 1 is the plain one-batch order. slcGAN: one per D step.
                                   Read from the instance, so a method may set it from its settings.
+    consistency_loss              name of a logged loss whose recent mean rates a finished run against
+                                  other seeds of the same command (lower is better; see selection.py).
+                                  slcGAN: c_aug. Absent: no such figure.
 """
 
 from __future__ import annotations

@@ -103,6 +103,9 @@ class SlcGAN:
     # The loop hands train_step this many consecutive real batches per step: one per D step.
     # The instance attribute set in __init__ follows the setting d_steps (default 2).
     real_batches_per_step = 2
+    # eq. 5's loss: its mean over the last steps, low in the runs that clustered best among seeds of one
+    # command line (selection.py, "Several seeds").
+    consistency_loss = "c_aug"
 
     def __init__(self, cfg, device: torch.device, *, training: bool = True):
         """`training=False` (a model loaded for inference): the weights come from a file, so the networks

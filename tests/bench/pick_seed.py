@@ -8,7 +8,7 @@ tests/bench/quality.py trains on) that differ only in --seed:
 For each run, two label-free figures of the step model.safetensors holds: its cluster balance (written
 by label-free selection into the file's metadata; 1 = every cluster equally used) and C's eq. 5 loss
 (c_aug in metrics.jsonl: the cross-entropy between C's clusters of an image and of its augmented view)
-averaged over the WINDOW steps up to that step. Then ACC / NMI of the run's assignments.csv against the
+averaged over the 500 steps up to that step (what `train` reports). Then ACC / NMI of the run's assignments.csv against the
 folder labels, which the rule does not see.
 
 The rule: among the runs whose balance is within TOLERANCE of the best balance, keep the one with the
@@ -30,23 +30,21 @@ from imgcluster import metrics
 from imgcluster.assignments import read_assignments
 from imgcluster.checkpoint import read_metadata
 from imgcluster.rundir import RunDir, read_config
-
-WINDOW = 500
+from imgcluster.selection import WINDOW, recent_mean
 
 
 def rate(run: Path) -> dict:
     rd = RunDir(run)
     meta = read_metadata(rd.model)
     step, balance = int(meta["step"]), float(meta["cluster_balance"])
-    rows = [json.loads(line) for line in rd.metrics.read_text().splitlines()]
-    window = [r["c_aug"] for r in rows if step - WINDOW < r["step"] <= step]
-    if not window:
+    c_aug = recent_mean(rd.metrics, "c_aug", step)       # what `train` reports, as imgcluster.selection has it
+    if c_aug is None:
         raise SystemExit(f"{rd.metrics}: no c_aug logged in steps {step - WINDOW + 1}-{step}")
     assigned = [a for a in read_assignments(rd.assignments) if a.cluster is not None]
     clusters = int(read_config(rd)["clusters"])
     found = metrics.evaluate(folder_labels([a.path for a in assigned]), [a.cluster for a in assigned], clusters)
     return {"run": run.name, "step": step, "balance": round(balance, 4),
-            "c_aug": round(statistics.fmean(window), 4), "acc": found["acc"], "nmi": round(found["nmi"], 4)}
+            "c_aug": round(c_aug, 4), "acc": found["acc"], "nmi": round(found["nmi"], 4)}
 
 
 def keep(runs: list[dict], tolerance: float) -> dict:

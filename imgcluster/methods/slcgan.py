@@ -50,7 +50,9 @@ class SlcGANSettings:
     # Not in the paper: w_balance * (log K - H(mean_batch softmax(C(x)))) in C's loss (SCAN's marginal
     # entropy term), which keeps every cluster in use: C's updates otherwise let clusters empty out (MNIST
     # seed 5 of the CPU preset with flips off and spectral norm in C ended with 3 of 10 empty). It assumes
-    # clusters of similar size; 0 (off) in every preset unless its comment says otherwise.
+    # clusters of similar size. With that recipe at weight 2 it raised seed 2 from ACC 0.585 to 0.784 and
+    # left seed 5 level; at weight 1 with the preset of 2026-11-28 both seeds fell (tests/bench/RESULTS.md).
+    # 0 (off) in every preset.
     w_balance: float = 0.0
     aug_detach_target: bool = False  # eq. 5 with q = softmax(C(T(x))) as a fixed target (see c_step)
     crop_scale: tuple[float, float] = (0.2, 1.0)  # T: RandomResizedCrop area range
@@ -66,6 +68,8 @@ class SlcGANSettings:
     # on real images like C's). C's clusters move from one step to the next: on MNIST one run scored ACC
     # 0.922 at step 4,750 and 0.869 at 4,800. The average is over about 1 / (1 - c_ema_decay) C steps,
     # fewer at first: decay min(c_ema_decay, (1 + n) / (10 + n)) after n C steps. Training is unchanged.
+    # Measured on four MNIST runs: ACC -0.067 to +0.061 against C at the same step, no better on the whole
+    # (tests/bench/RESULTS.md), so it is off in every preset.
     c_ema: bool = False
     c_ema_decay: float = 0.998
     load_ratio: float = 9 / 8        # images are cached at image_size * load_ratio, then cropped

@@ -15,33 +15,17 @@ the average ends with. Prints one JSON line per run and a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-import torch
-
 from curve import score
-from quality import folder_labels
-from imgcluster.data import load_image_set, scan_folder
-from imgcluster.methods import METHODS
-from imgcluster.rundir import RunDir, load_config, read_config
-from imgcluster.selection import Selector, inference_copy
-from imgcluster.training import Batches, load_checkpoint
-
+from kept_vs_last import last_step, rate_all
+from imgcluster.rundir import RunDir, read_config
+from imgcluster.selection import inference_copy
 
 def rate(run: Path) -> dict:
-    rd = RunDir(run)
-    cfg = load_config(rd)
-    if cfg.method != "slcgan" or not cfg.method_settings.c_ema:
+    if read_config(RunDir(run)).get("slcgan", {}).get("c_ema") is not True:
         raise SystemExit(f"{run}: not an slcGAN run trained with slcgan.c_ema=true")
-    folder = Path(read_config(rd)["data_dir"])
-    method = METHODS[cfg.method](cfg, torch.device("cpu"))
-    step = load_checkpoint(rd, method, torch.device("cpu"))
-    images = load_image_set(folder, method.cache_size(cfg), files=scan_folder(folder))
-    every = folder_labels(images.files)
-    labels = [every[i] for i in images.good_indices]
-    data = Batches(images, torch.device("cpu"))
-    selector = Selector(cfg, rd, data, start=step)            # start > 0: reads, never deletes, best-model
+    rd, cfg, method, step, data, labels, selector = last_step(run)
     out = {"run": run.name, "step": step}
     for name in ("C", "C_ema"):
         method.clusterer = name
@@ -56,11 +40,7 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    rows = []
-    for run in args.runs:
-        rows.append(rate(run))
-        print(json.dumps(rows[-1]), flush=True)
+    rows = rate_all(rate, args.runs, args.threads)
     print("\n| run | step | C: balance, ACC / NMI, clusters used | C_ema: balance, ACC / NMI, clusters used |\n"
           "| --- | --- | --- | --- |")
     cell = lambda r: f"{r['balance']:.3f}, {r['acc']:.3f} / {r['nmi']:.3f}, {r['clusters_used']}"

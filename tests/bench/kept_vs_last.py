@@ -38,7 +38,9 @@ def scores_of_file(rd: RunDir, path: Path, data: Batches, labels: list[str]) -> 
     return metrics.evaluate(labels, assigned, cfg.clusters)
 
 
-def rate(run: Path) -> dict:
+def last_step(run: Path):
+    """A finished run's last step on the CPU, with its labelled training images: (rd, cfg, method, step,
+    data, labels, selector); the selector rates as `train` does and never deletes best-model."""
     rd = RunDir(run)
     cfg = load_config(rd)
     folder = Path(read_config(rd)["data_dir"])
@@ -49,6 +51,21 @@ def rate(run: Path) -> dict:
     labels = [every[i] for i in images.good_indices]
     data = Batches(images, torch.device("cpu"))
     selector = Selector(cfg, rd, data, start=step)            # start > 0: reads, never deletes, best-model
+    return rd, cfg, method, step, data, labels, selector
+
+
+def rate_all(rate, runs: list[Path], threads: int) -> list[dict]:
+    """rate(run) for each run on `threads` CPU threads, each row printed as a JSON line as it comes."""
+    torch.set_num_threads(threads)
+    rows = []
+    for run in runs:
+        rows.append(rate(run))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def rate(run: Path) -> dict:
+    rd, cfg, method, step, data, labels, selector = last_step(run)
     last_balance = selector.score(inference_copy(method, selector._batches()))
     last = score(method, data, labels, cfg.clusters)
     out = {"run": run.name, "clusters": cfg.clusters, "last_step": step, "last_balance": round(last_balance, 4),
@@ -69,11 +86,7 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    rows = []
-    for run in args.runs:
-        rows.append(rate(run))
-        print(json.dumps(rows[-1]), flush=True)
+    rows = rate_all(rate, args.runs, args.threads)
     print(f"\n| run | last step: balance, ACC / NMI | best-balanced checkpoint: step, balance, ACC / NMI "
           f"| effective clusters, best / last | kept (margin {COLLAPSE}) |\n| --- | --- | --- | --- | --- |")
     for r in rows:

@@ -22,6 +22,7 @@ from kept_vs_last import last_step, rate_all
 from imgcluster.rundir import RunDir, read_config
 from imgcluster.selection import inference_copy
 
+
 def rate(run: Path) -> dict:
     if read_config(RunDir(run)).get("slcgan", {}).get("c_ema") is not True:
         raise SystemExit(f"{run}: not an slcGAN run trained with slcgan.c_ema=true")

@@ -232,7 +232,8 @@ def train(cfg: TrainConfig, run: RunDir, images: ImageSet, device: torch.device,
 
     Returns what model.safetensors holds ({"step", "cluster_balance", "last_step", "last_balance"}, and
     "consistency"; see selection.py) on rank 0, {} on the others. Raises Interrupted (after
-    checkpointing), NonFiniteLoss or CheckpointSaveError. Under torchrun every rank calls it; rank 0 writes the files.
+    checkpointing), NonFiniteLoss or CheckpointSaveError. Under torchrun every rank calls it; rank 0
+    writes the files.
     """
     from imgcluster.methods import METHODS
     from imgcluster.selection import Selector

@@ -14,7 +14,6 @@ the average ends with. Prints one JSON line per run and a Markdown table.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from curve import score
@@ -37,11 +36,7 @@ def rate(run: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", type=Path)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    rows = rate_all(rate, args.runs, args.threads)
+    rows = rate_all(__doc__, rate)
     print("\n| run | step | C: balance, ACC / NMI, clusters used | C_ema: balance, ACC / NMI, clusters used |\n"
           "| --- | --- | --- | --- |")
     cell = lambda r: f"{r['balance']:.3f}, {r['acc']:.3f} / {r['nmi']:.3f}, {r['clusters_used']}"

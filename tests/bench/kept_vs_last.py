@@ -54,11 +54,16 @@ def last_step(run: Path):
     return rd, cfg, method, step, data, labels, selector
 
 
-def rate_all(rate, runs: list[Path], threads: int) -> list[dict]:
-    """rate(run) for each run on `threads` CPU threads, each row printed as a JSON line as it comes."""
-    torch.set_num_threads(threads)
+def rate_all(doc: str, rate) -> list[dict]:
+    """The command line of a script that rates run directories (`doc` its help): rate(run) for each run
+    named, on --threads CPU threads, each row printed as a JSON line as it comes."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     rows = []
-    for run in runs:
+    for run in args.runs:
         rows.append(rate(run))
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -82,11 +87,7 @@ def rate(run: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", type=Path)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    rows = rate_all(rate, args.runs, args.threads)
+    rows = rate_all(__doc__, rate)
     print(f"\n| run | last step: balance, ACC / NMI | best-balanced checkpoint: step, balance, ACC / NMI "
           f"| effective clusters, best / last | kept (margin {COLLAPSE}) |\n| --- | --- | --- | --- | --- |")
     for r in rows:

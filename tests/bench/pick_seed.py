@@ -8,8 +8,8 @@ tests/bench/quality.py trains on) that differ only in --seed:
 For each run, two label-free figures of the step model.safetensors holds: its cluster balance (written
 by label-free selection into the file's metadata; 1 = every cluster equally used) and C's eq. 5 loss
 (c_aug in metrics.jsonl: the cross-entropy between C's clusters of an image and of its augmented view)
-averaged over the 500 steps up to that step (what `train` reports). Then ACC / NMI of the run's assignments.csv against the
-folder labels, which the rule does not see.
+averaged over the 500 steps up to that step (what `train` reports). Then ACC / NMI of the run's
+assignments.csv against the folder labels, which the rule does not see.
 
 The rule: among the runs whose balance is within TOLERANCE of the best balance, keep the one with the
 lowest c_aug (clusters that augmentations do not move). For every subset of --choose runs it prints the

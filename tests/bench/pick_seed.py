@@ -15,6 +15,10 @@ The rule: among the runs whose balance is within TOLERANCE of the best balance, 
 lowest c_aug (clusters that augmentations do not move). For every subset of --choose runs it prints the
 mean ACC the rule keeps, against the mean of all runs (one seed, as a user gets without the rule) and the
 mean of the best run of each subset (what labels would keep).
+
+With --at STEP the rule sees only what a run had logged by STEP: c_aug over the 500 steps up to STEP and
+no balance (selection rates checkpoints at the end). The ACC is still that of the finished run, so this
+asks whether training every seed only that far, then taking one on, would have kept the better run.
 """
 
 from __future__ import annotations
@@ -33,10 +37,12 @@ from imgcluster.rundir import RunDir, read_config
 from imgcluster.selection import WINDOW, recent_mean
 
 
-def rate(run: Path) -> dict:
+def rate(run: Path, at: int | None = None) -> dict:
     rd = RunDir(run)
     meta = read_metadata(rd.model)
     step, balance = int(meta["step"]), float(meta["cluster_balance"])
+    if at is not None:                                   # what the run had logged by step `at`
+        step, balance = at, 1.0
     c_aug = recent_mean(rd.metrics, "c_aug", step)       # what `train` reports, as imgcluster.selection has it
     if c_aug is None:
         raise SystemExit(f"{rd.metrics}: no c_aug logged in steps {step - WINDOW + 1}-{step}")
@@ -57,11 +63,12 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--choose", type=int, nargs="+", default=[2, 3], help="subset sizes to rate the rule on")
     ap.add_argument("--tolerance", type=float, default=0.05, help="balance within this of the best")
+    ap.add_argument("--at", type=int, metavar="STEP", help="rate by c_aug up to STEP alone (no balance)")
     args = ap.parse_args()
-    rows = [rate(run) for run in args.runs]
+    rows = [rate(run, args.at) for run in args.runs]
     for r in rows:
         print(json.dumps(r), flush=True)
-    print("\n| run | step held | balance | c_aug (last 500 steps) | ACC / NMI |\n| --- | --- | --- | --- | --- |")
+    print("\n| run | step rated | balance | c_aug (last 500 steps) | ACC / NMI |\n| --- | --- | --- | --- | --- |")
     for r in sorted(rows, key=lambda r: r["c_aug"]):
         print(f"| {r['run']} | {r['step']} | {r['balance']:.3f} | {r['c_aug']:.3f} | {r['acc']:.3f} / {r['nmi']:.3f} |")
     print(f"\nOne run, any seed: mean ACC {statistics.fmean(r['acc'] for r in rows):.3f}, "

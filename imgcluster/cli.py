@@ -227,10 +227,13 @@ def run_training(cfg, run, device, resuming: bool, quiet: bool, strict: bool = F
                      f"{cfg.image_size} px, {cfg.steps} steps on {where} -> {run.root}")
 
     with console.Reporter("training", quiet or not main) as rep, StopFlag() as stop:
+        most = min(cfg.clusters, cfg.batch_size)    # clusters a batch can show at most
+
         def on_log(event):
             m = event["metrics"]
+            used = f"{m['clusters_in_batch']:.1f}/{most} clusters per batch " if "clusters_in_batch" in m else ""
             rep.update(event["step"], event["total"], f"D {m['d_loss']:.3f} G {m['g_loss']:.3f} "
-                       f"{m['images_per_s']:.0f} img/s")
+                       f"{used}{m['images_per_s']:.0f} img/s")
         try:
             chosen = training.train(cfg, run, images, device, resume=resuming, progress_fn=on_log, stop_fn=stop)
         except training.Interrupted as e:

@@ -16,8 +16,9 @@ lowest c_aug (clusters that augmentations do not move). For every subset of --ch
 mean ACC the rule keeps, against the mean of all runs (one seed, as a user gets without the rule) and the
 mean of the best run of each subset (what labels would keep).
 
-With --at STEP the rule sees only what a run had logged by STEP: c_aug over the 500 steps up to STEP and
-no balance (selection rates checkpoints at the end). The ACC is still that of the finished run, so this
+With --at STEP the rule sees only what a run had logged by STEP: c_aug over the 500 steps up to STEP, and
+for balance the share of the K clusters that C's training batches used over those steps
+(clusters_in_batch / K; selection rates checkpoints' balance only at the end). The ACC is still that of the finished run, so this
 asks whether training every seed only that far, then taking one on, would have kept the better run.
 """
 
@@ -42,7 +43,10 @@ def rate(run: Path, at: int | None = None) -> dict:
     meta = read_metadata(rd.model)
     step, balance = int(meta["step"]), float(meta["cluster_balance"])
     if at is not None:                                   # what the run had logged by step `at`
-        step, balance = at, 1.0
+        used = recent_mean(rd.metrics, "clusters_in_batch", at)
+        if used is None:
+            raise SystemExit(f"{rd.metrics}: no clusters_in_batch logged in steps {at - WINDOW + 1}-{at}")
+        step, balance = at, used / int(read_config(rd)["clusters"])
     c_aug = recent_mean(rd.metrics, "c_aug", step)       # what `train` reports, as imgcluster.selection has it
     if c_aug is None:
         raise SystemExit(f"{rd.metrics}: no c_aug logged in steps {step - WINDOW + 1}-{step}")
@@ -63,7 +67,7 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--choose", type=int, nargs="+", default=[2, 3], help="subset sizes to rate the rule on")
     ap.add_argument("--tolerance", type=float, default=0.05, help="balance within this of the best")
-    ap.add_argument("--at", type=int, metavar="STEP", help="rate by c_aug up to STEP alone (no balance)")
+    ap.add_argument("--at", type=int, metavar="STEP", help="rate by what runs had logged by STEP")
     args = ap.parse_args()
     rows = [rate(run, args.at) for run in args.runs]
     for r in rows:

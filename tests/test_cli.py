@@ -195,6 +195,10 @@ def test_resume_continues_at_the_saved_step(trained, mnist_200, tmp_path):
     assert "resuming" in result.stderr
     steps = [json.loads(x)["step"] for x in (copy / "metrics.jsonl").read_text().splitlines()]
     assert steps == [5, 10, 15, 20, 25, 30]
+    # Not a terminal: plain progress lines, the last one at 30/30 with the clusters of the last logged steps.
+    used = json.loads((copy / "metrics.jsonl").read_text().splitlines()[-1])["clusters_in_batch"]
+    last = [x for x in result.stderr.splitlines() if x.startswith("training: ")][-1]
+    assert last.startswith("training: 30/30 (100%) D ") and f" {used:.1f}/10 clusters per batch " in last, last
 
 
 def test_resumed_run_equals_uninterrupted_run(mnist_200, tmp_path):

@@ -17,9 +17,10 @@ mean ACC the rule keeps, against the mean of all runs (one seed, as a user gets 
 mean of the best run of each subset (what labels would keep).
 
 With --at STEP the rule sees only what a run had logged by STEP: c_aug over the 500 steps up to STEP, and
-for balance the share of the K clusters that C's training batches used over those steps
-(clusters_in_batch / K; selection rates checkpoints' balance only at the end). The ACC is still that of the finished run, so this
-asks whether training every seed only that far, then taking one on, would have kept the better run.
+for balance the share of the K clusters that C's training batches used over those steps (clusters_in_batch
+/ K; the balance selection writes is of the step model.safetensors holds). The ACC is still that of the
+finished run, so this asks whether training every seed only that far, then taking one on, would have kept
+the better run. --tolerance 1 makes every run count as balanced: c_aug alone.
 """
 
 from __future__ import annotations

@@ -39,20 +39,23 @@ from imgcluster.rundir import RunDir, read_config
 from imgcluster.selection import WINDOW, recent_mean
 
 
+def logged_mean(rd: RunDir, key: str, step: int) -> float:
+    """`key`'s mean over the WINDOW steps up to `step`, as `train` reports it (imgcluster.selection)."""
+    mean = recent_mean(rd.metrics, key, step)
+    if mean is None:
+        raise SystemExit(f"{rd.metrics}: no {key} logged in steps {step - WINDOW + 1}-{step}")
+    return mean
+
+
 def rate(run: Path, at: int | None = None) -> dict:
     rd = RunDir(run)
     meta = read_metadata(rd.model)
+    clusters = int(read_config(rd)["clusters"])
     step, balance = int(meta["step"]), float(meta["cluster_balance"])
     if at is not None:                                   # what the run had logged by step `at`
-        used = recent_mean(rd.metrics, "clusters_in_batch", at)
-        if used is None:
-            raise SystemExit(f"{rd.metrics}: no clusters_in_batch logged in steps {at - WINDOW + 1}-{at}")
-        step, balance = at, used / int(read_config(rd)["clusters"])
-    c_aug = recent_mean(rd.metrics, "c_aug", step)       # what `train` reports, as imgcluster.selection has it
-    if c_aug is None:
-        raise SystemExit(f"{rd.metrics}: no c_aug logged in steps {step - WINDOW + 1}-{step}")
+        step, balance = at, logged_mean(rd, "clusters_in_batch", at) / clusters
+    c_aug = logged_mean(rd, "c_aug", step)
     assigned = [a for a in read_assignments(rd.assignments) if a.cluster is not None]
-    clusters = int(read_config(rd)["clusters"])
     found = metrics.evaluate(folder_labels([a.path for a in assigned]), [a.cluster for a in assigned], clusters)
     return {"run": run.name, "step": step, "balance": round(balance, 4),
             "c_aug": round(c_aug, 4), "acc": found["acc"], "nmi": round(found["nmi"], 4)}

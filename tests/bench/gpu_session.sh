@@ -5,6 +5,13 @@
 #   OUT=/some/dir STEPS=3000 bash tests/bench/gpu_session.sh quality   # CUB-100 at 128 px, then assign
 #   OUT=/some/dir DEADLINE_S=540 bash tests/bench/gpu_session.sh all   # both; the CUB run gets the time left
 #   OUT=/some/dir MINUTES=7.5 bash tests/bench/gpu_session.sh curves    # learning curves against labels, side by side
+#   OUT=/some/dir STEPS=4000 DEADLINE_S=575 bash tests/bench/gpu_session.sh lease   # CUDA tests beside quality, then assign
+#
+# The quality stage ends with tests/bench/large_folder.py --run: assign of the CUB-100 files with the new
+# model on the GPU (cold cache, built first, warm; fp32 and bf16) against the pure decode of the same files,
+# and the same on the 10,000 CIFAR-10 test JPEGs when .gpu/cifar10-test.tar.gz (cifar10/images/CLASS/test_*)
+# is there, in the time DEADLINE_S leaves. The lease stage is the quality stage with tests/test_cuda.py run
+# beside the training (so the CUB run shares the GPU for the tests' 40 s).
 #
 # Without STEPS, the CUB run's step count is what fits before DEADLINE_S (seconds from the start of the
 # script), at the 128 px bf16 step time the speed stage measured; under 500 steps it is skipped.
@@ -22,7 +29,7 @@
 # re-packed after each step so a run stopped at its time limit still returns what it finished.
 # The numbers in tests/bench/RESULTS.md ("Training on one GPU") come from this script.
 set -u
-stage=${1:?speed, quality or all}
+stage=${1:?speed, quality, all, lease or curves}
 : "${OUT:?set OUT to the folder for the results}"
 WORK=${WORK:-/tmp/imgcluster-gpu}
 R=$WORK/results
@@ -70,6 +77,13 @@ if [ "$stage" = speed ] || [ "$stage" = all ]; then
     cat "$R"/*.md
 fi
 
+if [ "$stage" = lease ]; then
+    say "CUDA tests, beside the CUB-100 run"
+    (timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py >"$R/cuda-tests.log" 2>&1; \
+     echo "== [$(( $(date +%s) - t0 )) s] CUDA tests done: $(tail -1 "$R/cuda-tests.log")") &
+    tests=$!
+    stage=quality
+fi
 if [ "$stage" = quality ] || [ "$stage" = all ]; then
     deadline=${DEADLINE_S:-560}
     if [ -z "${STEPS:-}" ]; then
@@ -95,15 +109,22 @@ if [ "$stage" = quality ] || [ "$stage" = all ]; then
         # not the sample grids: 64 clusters x 8 at 128 px is about 16 MB each, over the tool's file limit
         cp "$run"/sheets/cluster-00[0-3].png "$R/cub-run/" 2>/dev/null
         pack
-        say "assign of the 5,902 files with a warm cache"
-        TIMEFORMAT="assign, warm cache: %R s"
-        time python3 -m imgcluster assign "$run" -o "$WORK/a.csv" --device cuda --quiet
-        say "assign of the same files with a cold cache (decoding on all cores, the model alongside)"
-        TIMEFORMAT="assign, cold cache: %R s"
-        time IMGCLUSTER_CACHE=$WORK/cache2 python3 -m imgcluster assign "$run" -o "$WORK/a2.csv" --device cuda --quiet
+        cat "$R"/quality/*.md 2>/dev/null
+        say "assign of the 5,902 CUB-100 files on the GPU against decoding them (best of 2)"
+        timeout $(( deadline - ($(date +%s) - t0) )) python3 tests/bench/large_folder.py --run "$run" \
+            --folder "$WORK/data/cub100/images" --device cuda --repeat 2 --work "$WORK/lf" >"$R/assign-cub100.md"
+        cat "$R/assign-cub100.md"; pack
+        if [ -f .gpu/cifar10-test.tar.gz ]; then
+            say "assign of the 10,000 CIFAR-10 test JPEGs with the same model, against decoding them (best of 2)"
+            tar xzf .gpu/cifar10-test.tar.gz -C "$WORK/data"
+            timeout $(( deadline - ($(date +%s) - t0) )) python3 tests/bench/large_folder.py --run "$run" \
+                --folder "$WORK/data/cifar10/images" --device cuda --repeat 2 --work "$WORK/lf" >"$R/assign-cifar10.md"
+            cat "$R/assign-cifar10.md"; pack
+        fi
     fi
+    [ -n "${tests:-}" ] && wait "$tests"     # (a bare wait would also wait for the tee above, forever)
+    cp "$R/cuda-tests.log" "$OUT/" 2>/dev/null
     pack
-    cat "$R"/quality/*.md 2>/dev/null
 fi
 if [ "$stage" = curves ]; then
     minutes=${MINUTES:-7.5}

@@ -25,6 +25,10 @@ peak resident set, and the peak of the summed PSS of it and its decoding workers
    (the earlier steps read them). These steps run --repeat times (default 3) and the fastest run is
    reported, as the machine may be shared.
 
+With --run RUN --folder FOLDER [--device cuda], only step 3 runs, with that trained run on that folder
+(e.g. a GPU model on a real photo folder): the generated folder, the cache steps and the tiny model are
+skipped.
+
 Nothing is downloaded; the added files and every cache are deleted at the end (the folder is kept).
 """
 
@@ -243,19 +247,23 @@ def step_assign(args: dict) -> dict:
     from imgcluster.cli import app
 
     os.environ["IMGCLUSTER_CACHE"] = args["cache"]
+    device = args.get("device", "cpu")
     t = time.perf_counter()
     if args.get("build_first"):
-        cfg, method = rundir.load_model(rundir.RunDir(Path(args["run"])), torch.device("cpu"))
+        cfg, method = rundir.load_model(rundir.RunDir(Path(args["run"])), torch.device(device), "fp32")
         rows = pipeline.assign_folder(method, Path(args["folder"]), pipeline.cache_size(cfg), overlap=False)
         with open(args["out"], "w", newline="", encoding="utf-8", errors="surrogateescape") as out:
             assignments.write_assignments(rows, out)
     else:
         app(["assign", args["run"], args["folder"], "-o", args["out"], "--quiet", "--precision",
-             args.get("precision", "fp32")], standalone_mode=False)
+             args.get("precision", "fp32"), "--device", device], standalone_mode=False)
     seconds = time.perf_counter() - t
     with open(args["out"], "rb") as f:
         rows = sum(1 for _ in f) - 1
-    return {"seconds": seconds, "files": rows}
+    result = {"seconds": seconds, "files": rows}
+    if device.startswith("cuda"):
+        result["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
 
 
 STEPS = {"cache": step_cache, "decode": step_decode, "assign": step_assign}
@@ -316,6 +324,50 @@ def ensure_run(work: Path, subset: Path) -> Path:
     return run
 
 
+def assign_against_decode(run: Path, subset: Path, work: Path, repeat: int, device: str, workers: int,
+                          add) -> None:
+    """Step 3: decoding `subset` (one process, the worker pool), building its cache, and `assign` with
+    `run` on it (cold cache with the model during the build, built first, warm; fp32 and bf16)."""
+    from imgcluster.pipeline import cache_size
+    from imgcluster.precision import cpu_has_bf16
+    from imgcluster.rundir import RunDir, load_config
+
+    size = cache_size(load_config(RunDir(run)))
+    one = best_of(repeat, "decode", folder=subset, size=size, workers=1)
+    add(f"decode only, 1 process ({size} px)", one["files"], one)
+    pool = best_of(repeat, "decode", folder=subset, size=size, workers=workers)
+    add(f"decode only, {workers} workers ({size} px)", pool["files"], pool)
+    subset_cache = work / "cache-subset"
+    build = best_of(repeat, "cache", fresh_cache=subset_cache, folder=subset, size=size, cache=subset_cache)
+    add(f"cache build only, cold ({size} px)", build["files"], build)
+    shutil.rmtree(subset_cache)
+    assign_cache = work / "cache-assign"
+    out = work / "assign.csv"
+    common = {"run": run, "folder": subset, "cache": assign_cache, "out": out, "device": device}
+    built_first = best_of(repeat, "assign", fresh_cache=assign_cache, build_first=True, **common)
+    cold = best_of(repeat, "assign", fresh_cache=assign_cache, **common)
+    warm = best_of(repeat, "assign", **common)
+    cold_bf16 = best_of(repeat, "assign", fresh_cache=assign_cache, precision="bf16", **common)
+    warm_bf16 = best_of(repeat, "assign", precision="bf16", **common)
+
+    def versus_decode(res):
+        gpu = f"; GPU peak {res['gpu_peak_mb']:,.0f} MB" if "gpu_peak_mb" in res else ""
+        return (f"{res['seconds'] / pool['seconds']:.2f}x the {workers}-worker decode "
+                f"(process: {res['process_seconds'] / pool['seconds']:.2f}x){gpu}")
+
+    add("assign, cold cache (the model during the build)", cold["files"], cold, versus_decode(cold))
+    add("assign, cold cache, built first (forced)", built_first["files"], built_first, versus_decode(built_first))
+    add("assign, warm cache", warm["files"], warm, versus_decode(warm))
+    if device == "cpu":
+        units = "; " + ("this CPU has bf16 units" if cpu_has_bf16() else "no bf16 units: emulated")
+    else:
+        units = ""
+    add("assign --precision bf16, cold cache", cold_bf16["files"], cold_bf16, f"{versus_decode(cold_bf16)}{units}")
+    add("assign --precision bf16, warm cache", warm_bf16["files"], warm_bf16, versus_decode(warm_bf16))
+    shutil.rmtree(assign_cache)
+    out.unlink()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--files", type=int, default=100_000, help="images in the generated folder")
@@ -323,19 +375,20 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "imgcluster-bench",
                     help="scratch folder: the generated images, caches, the tiny run")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each 10,000-file step; the fastest is kept")
+    ap.add_argument("--run", type=Path, help="a trained run: only the assign-against-decode steps, on --folder")
+    ap.add_argument("--folder", type=Path, help="with --run: the images to decode and assign")
+    ap.add_argument("--device", default="cpu", help="where assign runs the model: cpu or cuda")
     ap.add_argument("--step", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.step:
         return child_main(*args.step)
+    if (args.run is None) != (args.folder is None):
+        ap.error("--run and --folder go together")
 
     from imgcluster.data import default_workers
 
     workers = default_workers()                 # what a cache build uses
     load_before = os.getloadavg()[0]
-    folder = args.work / f"large-folder-{args.files}"
-    ensure_folder(folder, args.files, workers)
-    added = folder / "added"
-    shutil.rmtree(added, ignore_errors=True)
     rows = []
 
     def add(step, files, result, note=""):
@@ -345,60 +398,34 @@ def main() -> None:
         print(f"{step}: {files} files, {seconds:.2f} s, {files / seconds:.0f} files/s, peak RSS "
               f"{result['peak_mb']:.0f} MB, process tree PSS {result['tree_peak_mb']:.0f} MB {note}", file=sys.stderr)
 
-    # (b) the cache of the whole folder: cold, after adding 1%, warm
-    cache = fresh(args.work / "cache-large")
-    cold = run_step("cache", folder=folder, size=args.size, cache=cache)
-    add(f"cache build, cold ({args.size} px)", cold["files"], cold, f"scan {cold['scan_seconds']:.1f} s")
-    extra = max(1, args.files // 100)
-    generate(added, args.files, args.files + extra, seed=1, workers=workers)
-    inc = run_step("cache", folder=folder, size=args.size, cache=cache)
-    add(f"cache rebuild, {extra:,} files added", inc["files"], inc,
-        f"only the new files decoded; {inc['seconds'] - inc['scan_seconds']:.1f} s after the scan")
-    warm = run_step("cache", folder=folder, size=args.size, cache=cache)
-    add("cache reuse, warm", warm["files"], warm, f"scan {warm['scan_seconds']:.1f} s")
-    shutil.rmtree(added)
-    shutil.rmtree(cache)
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.run is not None:
+        assign_against_decode(args.run, args.folder, args.work, args.repeat, args.device, workers, add)
+        what = f"{args.folder} with the run {args.run}, assign on {args.device}"
+    else:
+        folder = args.work / f"large-folder-{args.files}"
+        ensure_folder(folder, args.files, workers)
+        added = folder / "added"
+        shutil.rmtree(added, ignore_errors=True)
 
-    # (c) assign on a subset, against decoding the same files
-    subset = folder / "00"                      # the first 10,000 files (all of them when --files is smaller)
-    run = ensure_run(args.work, subset)
-    from imgcluster.rundir import RunDir, load_config
-    from imgcluster.pipeline import cache_size
+        # (b) the cache of the whole folder: cold, after adding 1%, warm
+        cache = fresh(args.work / "cache-large")
+        cold = run_step("cache", folder=folder, size=args.size, cache=cache)
+        add(f"cache build, cold ({args.size} px)", cold["files"], cold, f"scan {cold['scan_seconds']:.1f} s")
+        extra = max(1, args.files // 100)
+        generate(added, args.files, args.files + extra, seed=1, workers=workers)
+        inc = run_step("cache", folder=folder, size=args.size, cache=cache)
+        add(f"cache rebuild, {extra:,} files added", inc["files"], inc,
+            f"only the new files decoded; {inc['seconds'] - inc['scan_seconds']:.1f} s after the scan")
+        warm = run_step("cache", folder=folder, size=args.size, cache=cache)
+        add("cache reuse, warm", warm["files"], warm, f"scan {warm['scan_seconds']:.1f} s")
+        shutil.rmtree(added)
+        shutil.rmtree(cache)
 
-    size = cache_size(load_config(RunDir(run)))
-    one = best_of(args.repeat, "decode", folder=subset, size=size, workers=1)
-    add(f"decode only, 1 process ({size} px)", one["files"], one)
-    pool = best_of(args.repeat, "decode", folder=subset, size=size, workers=workers)
-    add(f"decode only, {workers} workers ({size} px)", pool["files"], pool)
-    subset_cache = args.work / "cache-subset"
-    build = best_of(args.repeat, "cache", fresh_cache=subset_cache, folder=subset, size=size, cache=subset_cache)
-    add(f"cache build only, cold ({size} px)", build["files"], build)
-    shutil.rmtree(subset_cache)
-    assign_cache = args.work / "cache-assign"
-    out = args.work / "assign.csv"
-    built_first = best_of(args.repeat, "assign", fresh_cache=assign_cache, run=run, folder=subset,
-                          cache=assign_cache, out=out, build_first=True)
-    cold = best_of(args.repeat, "assign", fresh_cache=assign_cache, run=run, folder=subset, cache=assign_cache, out=out)
-    warm = best_of(args.repeat, "assign", run=run, folder=subset, cache=assign_cache, out=out)
-    cold_bf16 = best_of(args.repeat, "assign", fresh_cache=assign_cache, run=run, folder=subset,
-                        cache=assign_cache, out=out, precision="bf16")
-    warm_bf16 = best_of(args.repeat, "assign", run=run, folder=subset, cache=assign_cache, out=out,
-                        precision="bf16")
-
-    def versus_decode(res):
-        return (f"{res['seconds'] / pool['seconds']:.2f}x the {workers}-worker decode "
-                f"(process: {res['process_seconds'] / pool['seconds']:.2f}x)")
-
-    add("assign, cold cache (the model during the build)", cold["files"], cold, versus_decode(cold))
-    add("assign, cold cache, built first (forced)", built_first["files"], built_first, versus_decode(built_first))
-    add("assign, warm cache", warm["files"], warm, versus_decode(warm))
-    from imgcluster.precision import cpu_has_bf16
-
-    units = "this CPU has bf16 units" if cpu_has_bf16() else "no bf16 units: emulated"
-    add("assign --precision bf16, cold cache", cold_bf16["files"], cold_bf16, f"{versus_decode(cold_bf16)}; {units}")
-    add("assign --precision bf16, warm cache", warm_bf16["files"], warm_bf16, versus_decode(warm_bf16))
-    shutil.rmtree(assign_cache)
-    out.unlink()
+        # (c) assign on a subset, against decoding the same files
+        subset = folder / "00"                  # the first 10,000 files (all of them when --files is smaller)
+        assign_against_decode(ensure_run(args.work, subset), subset, args.work, args.repeat, "cpu", workers, add)
+        what = (f"{args.files:,} generated files (MNIST / CIFAR-10 derived, 24-64 px PNG + JPEG)")
 
     import torch
 
@@ -406,9 +433,8 @@ def main() -> None:
     print(f"\n`{command}`")
     print(f"\nCPU ({platform.machine()}, {len(os.sched_getaffinity(0))} cores, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), Python {platform.python_version()}, "
-          f"torch {torch.__version__}, {args.files:,} generated files (MNIST / CIFAR-10 derived, 24-64 px PNG + "
-          f"JPEG), {workers} decoding workers; load average {load_before:.1f} before the run, "
-          f"{os.getloadavg()[0]:.1f} after\n")
+          f"torch {torch.__version__}, {what}, {workers} decoding workers; load average {load_before:.1f} "
+          f"before the run, {os.getloadavg()[0]:.1f} after\n")
     columns = ["step", "files", "seconds (command)", "files / s", "seconds (process)", "peak RSS, main process (MB)",
                "peak PSS, process tree (MB)", "notes"]
     print("| " + " | ".join(columns) + " |")

@@ -21,6 +21,11 @@ for balance the share of the K clusters that C's training batches used over thos
 / K; the balance selection writes is of the step model.safetensors holds). The ACC is still that of the
 finished run, so this asks whether training every seed only that far, then taking one on, would have kept
 the better run. --tolerance 1 makes every run count as balanced: c_aug alone.
+
+With --checkpoints EARLY LATER (repeated, one pair per seed) the rule chooses inside one training instead:
+between a run and its copy resumed to more steps (tests/bench/quality.py --extend), each rated at the step
+its model.safetensors holds. It prints the mean ACC the rule keeps against always the earlier, always the
+later and the better of each pair.
 """
 
 from __future__ import annotations
@@ -66,13 +71,40 @@ def keep(runs: list[dict], tolerance: float) -> dict:
     return min((r for r in runs if r["balance"] >= top - tolerance), key=lambda r: r["c_aug"])
 
 
+def rate_checkpoints(pairs: list[tuple[Path, Path]], tolerance: float) -> None:
+    """The rule between two lengths of each seed's training; prints a table and the means."""
+    print("| early run | step | balance | c_aug | ACC | later step | balance | c_aug | ACC | the rule keeps |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    kept, early, later, best = [], [], [], []
+    for a, b in pairs:
+        ra, rb = rate(a), rate(b)
+        k = keep([ra, rb], tolerance)
+        kept.append(k["acc"]), early.append(ra["acc"]), later.append(rb["acc"])
+        best.append(max(ra["acc"], rb["acc"]))
+        print(f"| {ra['run']} | {ra['step']} | {ra['balance']:.3f} | {ra['c_aug']:.3f} | {ra['acc']:.3f} "
+              f"| {rb['step']} | {rb['balance']:.3f} | {rb['c_aug']:.3f} | {rb['acc']:.3f} | step {k['step']} "
+              f"({'the better' if k['acc'] == max(ra['acc'], rb['acc']) else 'the worse'}) |")
+    right = sum(k == b for k, b in zip(kept, best))
+    print(f"\n{len(pairs)} seeds, tolerance {tolerance}: the rule keeps mean ACC {statistics.fmean(kept):.3f} "
+          f"(the better of the two in {right}); always the earlier {statistics.fmean(early):.3f}, always the "
+          f"later {statistics.fmean(later):.3f}; labels would keep {statistics.fmean(best):.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("runs", nargs="*", type=Path)
     ap.add_argument("--choose", type=int, nargs="+", default=[2, 3], help="subset sizes to rate the rule on")
     ap.add_argument("--tolerance", type=float, default=0.05, help="balance within this of the best")
     ap.add_argument("--at", type=int, metavar="STEP", help="rate by what runs had logged by STEP")
+    ap.add_argument("--checkpoints", nargs=2, type=Path, action="append", metavar=("EARLY", "LATER"),
+                    help="a run and its longer copy, one pair per seed (repeat): choose inside a training")
     args = ap.parse_args()
+    if args.checkpoints:
+        if args.runs or args.at is not None:
+            ap.error("--checkpoints takes the place of RUNS and --at")
+        return rate_checkpoints(args.checkpoints, args.tolerance)
+    if not args.runs:
+        ap.error("give the RUNS to rate, or --checkpoints")
     rows = [rate(run, args.at) for run in args.runs]
     for r in rows:
         print(json.dumps(r), flush=True)

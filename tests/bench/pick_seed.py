@@ -76,15 +76,17 @@ def rate_checkpoints(pairs: list[tuple[Path, Path]], tolerance: float) -> None:
     print("| early run | step | balance | c_aug | ACC | later step | balance | c_aug | ACC | the rule keeps |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     kept, early, later, best = [], [], [], []
-    for a, b in pairs:
-        ra, rb = rate(a), rate(b)
+    for early_run, later_run in pairs:
+        ra, rb = rate(early_run), rate(later_run)
         k = keep([ra, rb], tolerance)
-        kept.append(k["acc"]), early.append(ra["acc"]), later.append(rb["acc"])
+        kept.append(k["acc"])
+        early.append(ra["acc"])
+        later.append(rb["acc"])
         best.append(max(ra["acc"], rb["acc"]))
         print(f"| {ra['run']} | {ra['step']} | {ra['balance']:.3f} | {ra['c_aug']:.3f} | {ra['acc']:.3f} "
               f"| {rb['step']} | {rb['balance']:.3f} | {rb['c_aug']:.3f} | {rb['acc']:.3f} | step {k['step']} "
-              f"({'the better' if k['acc'] == max(ra['acc'], rb['acc']) else 'the worse'}) |")
-    right = sum(k == b for k, b in zip(kept, best))
+              f"({'the better' if k['acc'] == best[-1] else 'the worse'}) |")
+    right = sum(acc == top for acc, top in zip(kept, best))
     print(f"\n{len(pairs)} seeds, tolerance {tolerance}: the rule keeps mean ACC {statistics.fmean(kept):.3f} "
           f"(the better of the two in {right}); always the earlier {statistics.fmean(early):.3f}, always the "
           f"later {statistics.fmean(later):.3f}; labels would keep {statistics.fmean(best):.3f}")

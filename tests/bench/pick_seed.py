@@ -22,6 +22,12 @@ for balance the share of the K clusters that C's training batches used over thos
 finished run, so this asks whether training every seed only that far, then taking one on, would have kept
 the better run. --tolerance 1 makes every run count as balanced: c_aug alone.
 
+With --at STEP --restart-below SHARE it rates a restart policy instead of a choice: train seeds one after
+another, give up on a run at STEP when its clusters per batch are SHARE of K or fewer and start the next,
+keep the first run above SHARE and train it to the end; after --caps N attempts, train on the best-balanced
+of them. Every ordered draw of N of the runs is counted, so the figures are exact over these runs: mean
+ACC kept, and the mean and largest number of training steps spent.
+
 With --checkpoints EARLY LATER (repeated, one pair per seed) the rule chooses inside one training instead:
 between a run and its copy resumed to more steps (tests/bench/quality.py --extend), each rated at the step
 its model.safetensors holds. It prints the mean ACC the rule keeps against always the earlier, always the
@@ -92,6 +98,29 @@ def rate_checkpoints(pairs: list[tuple[Path, Path]], tolerance: float) -> None:
           f"later {statistics.fmean(later):.3f}; labels would keep {statistics.fmean(best):.3f}")
 
 
+def rate_restarts(rows: list[dict], below: float, caps: list[int], at: int, total: int) -> None:
+    """The restart policy (module docstring) over every ordered draw of `cap` runs, for each cap."""
+    for cap in caps:
+        if cap > len(rows):
+            continue
+        kept, spent = [], []
+        for draw in itertools.permutations(rows, cap):
+            steps = 0
+            for i, run in enumerate(draw):
+                if run["balance"] > below:
+                    steps += total
+                    break
+                steps += at
+                if i == cap - 1:                # none passed: train the best-balanced on to the end
+                    run = max(draw, key=lambda r: r["balance"])
+                    steps += total - at
+            kept.append(run["acc"])
+            spent.append(steps)
+        print(f"At most {cap} attempts, restart at step {at} at {below:.2f} of K or fewer: mean ACC "
+              f"{statistics.fmean(kept):.3f}; steps spent: mean {statistics.fmean(spent):,.0f}, "
+              f"at most {max(spent):,}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="*", type=Path)
@@ -100,7 +129,12 @@ def main() -> None:
     ap.add_argument("--at", type=int, metavar="STEP", help="rate by what runs had logged by STEP")
     ap.add_argument("--checkpoints", nargs=2, type=Path, action="append", metavar=("EARLY", "LATER"),
                     help="a run and its longer copy, one pair per seed (repeat): choose inside a training")
+    ap.add_argument("--restart-below", type=float, metavar="SHARE",
+                    help="with --at: rate restarting runs whose clusters per batch are SHARE of K or fewer")
+    ap.add_argument("--caps", type=int, nargs="+", default=[1, 2, 3, 4], help="attempts at most, for --restart-below")
     args = ap.parse_args()
+    if args.restart_below is not None and args.at is None:
+        ap.error("--restart-below needs --at STEP")
     if args.checkpoints:
         if args.runs or args.at is not None:
             ap.error("--checkpoints takes the place of RUNS and --at")
@@ -108,6 +142,9 @@ def main() -> None:
     if not args.runs:
         ap.error("give the RUNS to rate, or --checkpoints")
     rows = [rate(run, args.at) for run in args.runs]
+    if args.restart_below is not None:
+        total = int(read_config(RunDir(args.runs[0]))["steps"])
+        return rate_restarts(rows, args.restart_below, args.caps, args.at, total)
     for r in rows:
         print(json.dumps(r), flush=True)
     print("\n| run | step rated | balance | c_aug (last 500 steps) | ACC / NMI |\n| --- | --- | --- | --- | --- |")

@@ -105,17 +105,13 @@ def rate_restarts(rows: list[dict], below: float, caps: list[int], at: int, tota
             continue
         kept, spent = [], []
         for draw in itertools.permutations(rows, cap):
-            steps = 0
-            for i, run in enumerate(draw):
-                if run["balance"] > below:
-                    steps += total
-                    break
-                steps += at
-                if i == cap - 1:                # none passed: train the best-balanced on to the end
-                    run = max(draw, key=lambda r: r["balance"])
-                    steps += total - at
-            kept.append(run["acc"])
-            spent.append(steps)
+            passed = next((i for i, r in enumerate(draw) if r["balance"] > below), None)
+            if passed is None:                  # none passed: train the best-balanced on to the end
+                kept.append(max(draw, key=lambda r: r["balance"])["acc"])
+                spent.append(cap * at + total - at)
+            else:
+                kept.append(draw[passed]["acc"])
+                spent.append(passed * at + total)
         print(f"At most {cap} attempts, restart at step {at} at {below:.2f} of K or fewer: mean ACC "
               f"{statistics.fmean(kept):.3f}; steps spent: mean {statistics.fmean(spent):,.0f}, "
               f"at most {max(spent):,}")

@@ -193,10 +193,10 @@ def test_resume_continues_at_the_saved_step(trained, mnist_200, tmp_path):
     result = run("train", mnist_200, "--out", copy, "--steps", 30)
     assert result.exit_code == 0, result.stderr
     assert "resuming" in result.stderr
-    steps = [json.loads(x)["step"] for x in (copy / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [5, 10, 15, 20, 25, 30]
+    logged = [json.loads(x) for x in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == [5, 10, 15, 20, 25, 30]
     # Not a terminal: plain progress lines, the last one at 30/30 with the clusters of the last logged steps.
-    used = json.loads((copy / "metrics.jsonl").read_text().splitlines()[-1])["clusters_in_batch"]
+    used = logged[-1]["clusters_in_batch"]
     last = [x for x in result.stderr.splitlines() if x.startswith("training: ")][-1]
     assert last.startswith("training: 30/30 (100%) D ") and f" {used:.1f}/10 clusters per batch " in last, last
 

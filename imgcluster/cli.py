@@ -22,10 +22,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Sort a folder of unlabelled images into clusters by training a GAN on it.")
 
 EXIT_RUNTIME, EXIT_USAGE, EXIT_NO_IMAGES = 1, 2, 3
-# Settings a resumed run may change: how long to train and how often to log.
 # Settings a resumed run may change: they do not change what the saved state means.
 RESUMABLE_KEYS = {"steps", "log_every", "sample_every", "checkpoint_every", "sample_clusters",
-                  "precision", "memory_format", "compile", "select_model"}
+                  "precision", "memory_format", "compile", "select_model",
+                  "slcgan.split_empty", "slcgan.split_every", "slcgan.split_start"}
+
+
+def flat_settings(cfg) -> dict:
+    """The config as {"steps": ..., "slcgan.lr": ...}: the method's settings one by one."""
+    out = cfg.to_dict()
+    return {**{k: v for k, v in out.items() if k != cfg.method},
+            **{f"{cfg.method}.{k}": v for k, v in out[cfg.method].items()}}
 
 
 def fail(message: str, code: int = EXIT_RUNTIME):
@@ -159,7 +166,8 @@ def build_config(data_dir: Path, run_root: Path | None, flags: dict, preset: str
             if cfg.method != saved.method:
                 raise ConfigError(f"{run.root} was trained with {saved.method}, not {cfg.method}; "
                                   f"pass --restart to start over or --out for a new run")
-            changed = sorted(k for k, v in cfg.to_dict().items() if v != saved.to_dict()[k] and k not in RESUMABLE_KEYS)
+            changed = sorted(k for k, v in flat_settings(cfg).items()
+                             if v != flat_settings(saved).get(k) and k not in RESUMABLE_KEYS)
             if changed:
                 raise ConfigError(f"{run.root} was trained with other settings ({', '.join(changed)}); "
                                   f"pass --restart to start over or --out for a new run")
@@ -234,6 +242,9 @@ def run_training(cfg, run, device, resuming: bool, quiet: bool, strict: bool = F
             used = f"{m['clusters_in_batch']:.1f}/{most} clusters per batch " if "clusters_in_batch" in m else ""
             rep.update(event["step"], event["total"], f"D {m['d_loss']:.3f} G {m['g_loss']:.3f} "
                        f"{used}{m['images_per_s']:.0f} img/s")
+            if main and not quiet:
+                for line in m.get("events", []):                  # e.g. "step 1250: empty cluster 3 took ..."
+                    console.info(f"step {line}")
         try:
             chosen = training.train(cfg, run, images, device, resume=resuming, progress_fn=on_log, stop_fn=stop)
         except training.Interrupted as e:

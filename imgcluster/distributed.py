@@ -155,3 +155,13 @@ def rank_slice(indices: torch.Tensor, per_step: int) -> torch.Tensor:
     if not active():
         return indices
     return indices.view(per_step, world_size(), -1)[:, rank()].reshape(-1)
+
+
+def broadcast_(tensors) -> None:
+    """Overwrite each tensor (in place) with rank 0's copy, over the default group (tensors on the
+    training device)."""
+    if not active():
+        return
+    with torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t, src=0)

@@ -258,6 +258,8 @@ def train(cfg: TrainConfig, run: RunDir, images: ImageSet, device: torch.device,
     n = len(data)
     selector = Selector(cfg, run, data, start) if main else None
     per_step = getattr(method, "real_batches_per_step", 1)     # e.g. slcGAN: one real batch per D step
+    after_step = getattr(method, "after_step", None)
+    events: list[str] = []                                      # logged with the next metrics line
     sums: dict[str, torch.Tensor] = {}
     count, t_log, t_start = 0, time.perf_counter(), time.perf_counter()
 
@@ -289,6 +291,9 @@ def train(cfg: TrainConfig, run: RunDir, images: ImageSet, device: torch.device,
     for step in range(start + 1, cfg.steps + 1):
         idx = step_indices(step - 1, n, cfg.batch_size * world, cfg.seed, per_step)
         losses = method.train_step(data.get(distributed.rank_slice(idx, per_step)))
+        event = after_step(step, data) if after_step else None          # e.g. slcGAN's empty-cluster splits
+        if event:
+            events.append(f"{step}: {event}")
         for k, v in losses.items():
             sums[k] = sums[k] + v.float() if k in sums else v.float()
         count += 1
@@ -300,12 +305,14 @@ def train(cfg: TrainConfig, run: RunDir, images: ImageSet, device: torch.device,
             record = {"step": step, **{k: round(v, 6) for k, v in means.items()},
                       "images_per_s": round(count * cfg.batch_size * per_step * world / (now - t_log), 2),
                       "elapsed_s": round(now - t_start, 2)}
+            if events:
+                record["events"] = events
             if main:
                 with open(run.metrics, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
             if progress_fn:
                 progress_fn({"step": step, "total": cfg.steps, "start": start, "metrics": record})
-            sums, count, t_log = {}, 0, now
+            sums, count, t_log, events = {}, 0, now, []
         if step % cfg.sample_every == 0 and main:
             sample_grid(method, cfg, run.samples / f"step-{step:07d}.png")
         signum = distributed.agree((stop_fn() if stop_fn else None) or 0) or None

@@ -77,14 +77,18 @@ def test_two_processes_train_resume_and_equal_an_uninterrupted_run(mnist_200, tm
 
 def test_two_processes_keep_the_networks_in_step(mnist_200, tmp_path):
     """slcGAN (three networks, each in its own DistributedDataParallel) trains on 2 processes; training
-    ends with a check that every network's weights are equal on both ranks (it fails the run if not).
+    ends with a check that every network's weights are equal on both ranks (it fails the run if not),
+    also after empty clusters were split (slcgan.split_empty; rank 0's split is broadcast).
     A 2-process checkpoint then resumes in a single process."""
     out = tmp_path / "slc"
     result = torchrun("train", mnist_200, "--clusters", 10, "--preset", "slcgan-tiny", "--steps", 2,
-                      "--set", "batch_size=8", "--out", out, "--quiet")
+                      "--set", "batch_size=8", "--set", "log_every=1", "--set", "slcgan.split_empty=true",
+                      "--set", "slcgan.split_every=1", "--set", "slcgan.split_start=1", "--out", out, "--quiet")
     assert result.returncode == 0, result.stderr[-3000:]
     state = load_file(out / "checkpoint" / "state.safetensors")
     assert any(k.startswith("networks/clusterer/") for k in state)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("events" in row for row in logged)          # at least one split on the way
     # one more step in a single process, from the 2-process state
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "imgcluster", "train", mnist_200, "--out", out,

@@ -17,6 +17,7 @@ from imgcluster.config import ConfigError, load_preset, resolve_config
 from imgcluster.losses import (hinge_d_split, hinge_g_split, marginal_entropy_gap, mode_seeking_ratio,
                                multiview_consistency)
 from imgcluster.methods import METHODS
+from imgcluster.methods.slcgan import two_means
 from imgcluster.models.slcgan import Discriminator, Generator, SlcGANConfig, build_clusterer
 from imgcluster.rundir import RunDir, load_model, save_config, save_model
 from imgcluster.training import batch_indices, load_checkpoint, sample_grid, save_checkpoint, step_indices
@@ -500,6 +501,89 @@ def test_bad_settings_name_the_key():
 
 
 # ---------------------------------------------------------------------------------------------
+# Empty clusters (slcgan.split_empty)
+# ---------------------------------------------------------------------------------------------
+
+def test_two_means_returns_the_larger_group_first():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.zeros(8), torch.full((8,), 3.0)
+    points = torch.cat([a + 0.1 * torch.randn(30, 8, generator=gen), b + 0.1 * torch.randn(20, 8, generator=gen)])
+    m1, m2 = two_means(points[torch.randperm(50, generator=gen)])
+    assert torch.allclose(m1, points[:30].mean(0)) and torch.allclose(m2, points[30:].mean(0))
+    assert two_means(points[:1]) is None and two_means(torch.ones(5, 8)) is None
+
+
+class ImageRows:
+    """What the training loop hands after_step (training.Batches): len() and get(indices)."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def get(self, idx):
+        return self.images[idx]
+
+
+LIGHT = torch.arange(48) % 3 == 2          # which of two_kinds_of_images are light
+
+
+def two_kinds_of_images(cfg) -> torch.Tensor:
+    """48 uint8 images (48, S0, S0, 3) with noise: every third light (LIGHT), the others dark."""
+    side = METHODS["slcgan"].cache_size(cfg)
+    gen = torch.Generator().manual_seed(1)
+    dark = torch.randint(0, 60, (48, side, side, 3), generator=gen)
+    light = torch.randint(190, 256, (48, side, side, 3), generator=gen)
+    return torch.where(LIGHT[:, None, None, None], light, dark).to(torch.uint8)
+
+
+def test_an_empty_cluster_takes_half_of_the_largest():
+    cfg = tiny_config(clusters=4, batch_size=8, c_spectral_norm=True, split_empty=True, split_every=5, split_start=5)
+    torch.manual_seed(0)
+    method = METHODS["slcgan"](cfg, CPU)
+    method.train_step(real_data(cfg, batches=per_step(method)))           # Adam has moments to copy
+    images = ImageRows(two_kinds_of_images(cfg))
+    with torch.no_grad():
+        method.C.fc.bias.copy_(torch.tensor([0.0, 50.0, 0.0, 0.0]))      # every image in cluster 1
+    assert set(method._sample_features(images, torch.arange(48))[1].tolist()) == {1}
+    bn_before = {k: v.clone() for k, v in method.C.state_dict().items() if "running" in k}
+    rng_before = torch.get_rng_state()
+
+    assert method.after_step(4, images) is None                            # not a step to look at
+    assert method.after_step(5, images) == "empty cluster 0 took half of cluster 1"
+    _, labels = method._sample_features(images, torch.arange(48))
+    # The split follows the two kinds of image (the larger, dark, to the empty cluster); the other
+    # empty clusters had no second donor.
+    assert set(labels[~LIGHT].tolist()) == {0} and set(labels[LIGHT].tolist()) == {1}
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert all(torch.equal(v, method.C.state_dict()[k]) for k, v in bn_before.items())
+    for net, opt in ((method.G, method.opt_g), (method.D, method.opt_d)):
+        embed = method.D.embed.parametrizations.weight.original if net is method.D else method.G.embed.weight
+        assert torch.equal(embed[:, 0], embed[:, 1])
+        assert torch.equal(opt.state[embed]["exp_avg_sq"][:, 0], opt.state[embed]["exp_avg_sq"][:, 1])
+    losses = method.train_step(real_data(cfg, batches=per_step(method)))  # trains on from the split
+    assert all(math.isfinite(v.item()) for v in losses.values())
+
+
+def test_split_check_changes_nothing_without_an_empty_cluster():
+    cfg = tiny_config(clusters=2, batch_size=8, split_empty=True, split_every=1, split_start=1)
+    torch.manual_seed(0)
+    method = METHODS["slcgan"](cfg, CPU)
+    images = ImageRows(two_kinds_of_images(cfg))
+    features, _ = method._sample_features(images, torch.arange(48))
+    dark, light = features[~LIGHT].mean(0), features[LIGHT].mean(0)
+    with torch.no_grad():                                                  # the nearer mean's cluster
+        method.C.fc.weight.copy_(torch.stack([dark, light]))
+        method.C.fc.bias.copy_(-0.5 * torch.stack([dark, light]).pow(2).sum(1))
+    assert set(method._sample_features(images, torch.arange(48))[1][LIGHT].tolist()) == {1}
+    before = {name: {k: v.clone() for k, v in net.state_dict().items()} for name, net in method.networks().items()}
+    assert method.after_step(1, images) is None
+    for name, net in method.networks().items():
+        assert all(torch.equal(v, net.state_dict()[k]) for k, v in before[name].items()), name
+
+
+# ---------------------------------------------------------------------------------------------
 # The CLI end to end: train -> evaluate, on real MNIST images
 # ---------------------------------------------------------------------------------------------
 
@@ -528,6 +612,32 @@ def test_cli_train_slcgan_then_evaluate(mnist_200, tmp_path):
 
     result = run("generate", out, "--cluster", 3, "-n", 2, "-o", tmp_path / "c3.png")
     assert result.exit_code == 0 and (tmp_path / "c3.png").is_file()
+
+
+def test_split_empty_resumes_exactly_and_may_be_switched_on_when_resuming(mnist_200, tmp_path):
+    """The empty-cluster check keeps no state between steps, so a run resumed part-way equals one
+    trained straight through, also when the resume switches the check on (here before its first step
+    to look, 4); a resume may not change a training setting."""
+    from safetensors.torch import load_file
+
+    runner = CliRunner()
+    run = lambda *args: runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    common = ["--preset", "slcgan-tiny", "--clusters", 10, "--quiet", "--set", "checkpoint_every=3",
+              "--set", "slcgan.split_every=2", "--set", "slcgan.split_start=4"]
+    split = ["--set", "slcgan.split_empty=true"]
+    assert run("train", mnist_200, *common, *split, "--steps", 8, "--out", tmp_path / "whole").exit_code == 0
+    assert run("train", mnist_200, *common, "--steps", 3, "--out", tmp_path / "parts").exit_code == 0
+    result = run("train", mnist_200, *common, *split, "--steps", 8, "--out", tmp_path / "parts")
+    assert result.exit_code == 0, result.stderr
+    whole = load_file(tmp_path / "whole" / "checkpoint" / "state.safetensors")
+    parts = load_file(tmp_path / "parts" / "checkpoint" / "state.safetensors")
+    assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
+    events = [e for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+              for e in json.loads(line).get("events", [])]
+    assert all(" took half of cluster " in e for e in events)
+
+    result = run("train", mnist_200, *common, "--set", "slcgan.lr=0.001", "--steps", 9, "--out", tmp_path / "parts")
+    assert result.exit_code == 2 and "other settings (slcgan.lr)" in result.stderr
 
 
 def test_run_saved_before_c_spectral_norm_existed_loads_without_it(tmp_path):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from imgcluster import augment
+from imgcluster import augment, distributed
 from imgcluster.config import ConfigError
 from imgcluster.methods.common import (average_into, building, cached_side, eval_view, optimizer_steps, place,
                                       recalibrate_batchnorm, training_handle)
@@ -54,6 +54,18 @@ class SlcGANSettings:
     # left seed 5 level; at weight 1 with the preset of 2026-11-28 both seeds fell (tests/bench/RESULTS.md).
     # 0 (off) in every preset.
     w_balance: float = 0.0
+    # Not in the paper: empty clusters take over half of the largest one (DeepCluster's remedy for empty
+    # clusters, Caron et al. 2018, with the split made along the cluster's own two groups). Every
+    # split_every steps from step split_start on, C labels a random sample of the folder (up to
+    # SPLIT_SAMPLE images, BatchNorm in batch mode as in training); each cluster given none of them takes
+    # the larger half of the largest cluster left, split by 2-means of C's features: C's output rows
+    # of the two become the donor's row plus and minus the direction between the halves, and the
+    # generator's and the discriminator's embeddings of the empty cluster (and their Adam moments)
+    # copies of the donor's. On MNIST, half the runs of the CPU recipe left 1-4 of 10 clusters empty
+    # from step 500-2,000 to the end (tests/bench/RESULTS.md). A run may be resumed with it switched on.
+    split_empty: bool = False
+    split_every: int = 250
+    split_start: int = 1000
     aug_detach_target: bool = False  # eq. 5 with q = softmax(C(T(x))) as a fixed target (see c_step)
     crop_scale: tuple[float, float] = (0.2, 1.0)  # T: RandomResizedCrop area range
     # Horizontal flips in T and in the real views of D and C (the paper's T flips). Off for folders where
@@ -76,7 +88,7 @@ class SlcGANSettings:
     recalibrate_bn: bool = True      # re-estimate C's BatchNorm statistics on real images before inference
 
     def validate(self):
-        for key in ("ch", "z_dim", "embed_dim", "c_width", "d_steps"):
+        for key in ("ch", "z_dim", "embed_dim", "c_width", "d_steps", "split_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"slcgan.{key}: must be at least 1, got {getattr(self, key)}")
         if self.lr <= 0:
@@ -92,8 +104,9 @@ class SlcGANSettings:
         for key in ("w_diversity", "w_balance"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"slcgan.{key}: must be at least 0, got {getattr(self, key)}")
-        if self.ema_start < 0:
-            raise ConfigError(f"slcgan.ema_start: must be at least 0, got {self.ema_start}")
+        for key in ("ema_start", "split_start"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"slcgan.{key}: must be at least 0, got {getattr(self, key)}")
         if self.load_ratio < 1:
             raise ConfigError(f"slcgan.load_ratio: must be at least 1, got {self.load_ratio}")
 
@@ -289,6 +302,118 @@ class SlcGAN:
         n = optimizer_steps(self.opt_c, self.C)
         average_into(self.C_ema, self.C, min(self.s.c_ema_decay, (1 + n) / (10 + n)))
 
+    # Empty clusters (slcgan.split_empty) -------------------------------------------------------
+
+    def after_step(self, step: int, data) -> str | None:
+        """Called by the loop after each step with the training images (training.Batches); every
+        split_every steps from split_start on, splits the largest clusters into the empty ones
+        (SlcGANSettings.split_empty). Returns what it did, or None. It draws nothing from the global
+        random generators, and changes nothing when no cluster is empty."""
+        s = self.s
+        if not s.split_empty or step < max(s.split_start, 1) or step % s.split_every:
+            return None
+        # A sample in random order, as training batches are (BatchNorm normalises each chunk: chunks of
+        # one class, as a folder sorted by class would give, would hide what tells classes apart),
+        # drawn from its own generator.
+        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(step))[:SPLIT_SAMPLE]
+        features, labels = self._sample_features(data, idx)             # (N, F), (N,)
+        counts = torch.bincount(labels, minlength=self.cfg.clusters)
+        empty = (counts == 0).nonzero().flatten().tolist()
+        moves = []
+        for dead, donor in zip(empty, counts.argsort(descending=True).tolist()):
+            halves = two_means(features[labels == donor])
+            if halves is None or not self._split(dead, donor, *halves):
+                break
+            moves.append(f"empty cluster {dead} took half of cluster {donor}")
+        if distributed.agree(int(bool(moves))):                           # rank 0's result everywhere
+            distributed.broadcast_([t for t in self._split_tensors()])
+        return "; ".join(moves) or None
+
+    @torch.no_grad()
+    def _sample_features(self, data, idx: torch.Tensor):
+        """C's input to its last layer and its argmax over the images `idx`, in chunks of about the
+        batch size with BatchNorm in batch mode (as C labels images in training) and everything else
+        in eval mode (no spectral-norm power iteration); BatchNorm's running statistics are restored."""
+        C = self.C
+        saved = {k: v.clone() for k, v in C.state_dict().items() if "running_" in k or "num_batches" in k}
+        C.eval()
+        for m in C.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.train()
+        captured = []
+        hook = C.fc.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].float()))
+        labels = []
+        try:
+            for chunk in idx.tensor_split(max(1, -(-len(idx) // self.cfg.batch_size))):
+                with autocast(self.device, self.amp):
+                    labels.append(C(self.eval_view(data.get(chunk))).float().argmax(dim=1))
+        finally:
+            hook.remove()
+            C.load_state_dict(saved, strict=False)
+            C.train()
+        return torch.cat(captured), torch.cat(labels)
+
+    @torch.no_grad()
+    def _split(self, dead: int, donor: int, m1: torch.Tensor, m2: torch.Tensor) -> bool:
+        """C's rows of `dead` and `donor` become w +- dw, b +- db (w, b: the donor's), so that
+        logit_dead - logit_donor = 2 (dw . f + db) is SPLIT_MARGIN at the feature mean m1 of one half,
+        -SPLIT_MARGIN at m2 of the other, and 0 half-way; dw is at most as long as w. G's and D's
+        embeddings of `dead`, and the Adam moments of every row changed, become copies of the donor's.
+
+        With spectral norm on C's last layer its weight is divided by its largest singular value
+        sigma (estimated with the stored power-iteration vectors), which the new rows change: every
+        bias is divided by the new sigma as well, so each image's logits are those wanted, scaled by
+        one number (the same argmax). False (nothing changed) if the new sigma is not positive."""
+        fc = self.C.fc
+        weight = _raw(fc, "weight")
+        fc.eval()                                                          # no power iteration here
+        w_eff = fc.weight.float()                                          # after spectral norm, if any
+        fc.train()
+        w, b = w_eff[donor].clone(), fc.bias[donor].float().clone()
+        alpha = 2 * SPLIT_MARGIN / (m1 - m2).pow(2).sum()
+        dw = alpha / 2 * (m1 - m2)
+        db = -alpha / 4 * (m1.pow(2).sum() - m2.pow(2).sum())
+        shrink = min(1.0, (w.norm() / dw.norm()).item())
+        w_new, b_new = w_eff.clone(), fc.bias.float().clone()
+        w_new[dead], w_new[donor] = w + dw * shrink, w - dw * shrink
+        b_new[dead], b_new[donor] = b + db * shrink, b - db * shrink
+        if weight is not fc.weight:                                        # spectral norm: raw = effective * sigma
+            sn = fc.parametrizations.weight[0]
+            sigma_old = (weight.float().norm() / w_eff.norm()).item()
+            sigma_new = torch.dot(sn._u.float(), w_new @ sn._v.float()).item()
+            if sigma_new <= 0:                                             # not a usable estimate: no split
+                return False
+            weight.copy_(w_new * sigma_old)
+            fc.bias.copy_(b_new / sigma_new)
+        else:
+            weight.copy_(w_new)
+            fc.bias.copy_(b_new)
+        _copy_moments(self.opt_c, weight, 0, donor, dead)
+        _copy_moments(self.opt_c, fc.bias, 0, donor, dead)
+        for net, opt in ((self.G, self.opt_g), (self.D, self.opt_d)):
+            embed = _raw(net.embed, "weight")                              # (out, K): one column per cluster
+            embed[:, dead] = embed[:, donor]
+            _copy_moments(opt, embed, 1, donor, dead)
+        if self.G_ema is not None:
+            self.G_ema.embed.weight[:, dead] = self.G_ema.embed.weight[:, donor]
+        if self.C_ema is not None:
+            self.C_ema.load_state_dict(self.C.state_dict())
+        return True
+
+    def _split_tensors(self):
+        """Every tensor a split changes: the parameters above and their Adam moments."""
+        params = [_raw(self.C.fc, "weight"), self.C.fc.bias, _raw(self.G.embed, "weight"), _raw(self.D.embed, "weight")]
+        yield from params
+        for opt in self.optimizers().values():
+            for p in params:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in opt.state.get(p, {}):
+                        yield opt.state[p][key]
+        if self.G_ema is not None:
+            yield self.G_ema.embed.weight
+        if self.C_ema is not None:
+            yield from self.C_ema.state_dict().values()
+
     # Inference -------------------------------------------------------------------------------
 
     def eval_view(self, real_uint8: torch.Tensor) -> torch.Tensor:
@@ -325,3 +450,47 @@ class SlcGAN:
         images = g(z, F.one_hot(clusters.to(self.device), self.cfg.clusters).float())
         g.train(was_training)
         return images
+
+
+# How many images of the folder `after_step` labels, and the logit margin of a split (about 7:1 odds
+# between the two halves at their means).
+SPLIT_SAMPLE = 2048
+SPLIT_MARGIN = 2.0
+
+
+def two_means(features: torch.Tensor, iterations: int = 20):
+    """The means (m1, m2) of the two groups 2-means finds in `features` (n, F), the larger group's
+    first; started from the sign of the first principal component. None when n < 2 or the groups
+    cannot be told apart."""
+    if features.shape[0] < 2:
+        return None
+    centred = features - features.mean(dim=0)
+    direction = torch.linalg.svd(centred, full_matrices=False).Vh[0]
+    side = centred @ direction > 0
+    for _ in range(iterations):
+        if side.all() or not side.any():
+            return None
+        m1, m2 = features[side].mean(dim=0), features[~side].mean(dim=0)
+        new_side = (features - m1).pow(2).sum(dim=1) < (features - m2).pow(2).sum(dim=1)
+        if torch.equal(new_side, side):
+            break
+        side = new_side
+    if side.all() or not side.any() or torch.equal(m1, m2):
+        return None
+    return (m1, m2) if side.sum() * 2 >= len(side) else (m2, m1)
+
+
+def _raw(module: torch.nn.Module, name: str) -> torch.Tensor:
+    """The stored parameter behind `module.<name>`: its original under a parametrization (spectral norm)."""
+    if torch.nn.utils.parametrize.is_parametrized(module, name):
+        return getattr(module.parametrizations, name).original
+    return getattr(module, name)
+
+
+def _copy_moments(opt, param: torch.Tensor, dim: int, src: int, dst: int) -> None:
+    """Adam's moments of `param` at index `dst` along `dim` set to those at `src` (nothing before the
+    first step)."""
+    state = opt.state.get(param, {})
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in state:
+            state[key].select(dim, dst).copy_(state[key].select(dim, src))

@@ -377,7 +377,7 @@ class SlcGAN:
         w_new, b_new = w_eff.clone(), fc.bias.float().clone()
         w_new[dead], w_new[donor] = w + dw * shrink, w - dw * shrink
         b_new[dead], b_new[donor] = b + db * shrink, b - db * shrink
-        if weight is not fc.weight:                                        # spectral norm: raw = effective * sigma
+        if torch.nn.utils.parametrize.is_parametrized(fc, "weight"):      # spectral norm: raw = effective * sigma
             sn = fc.parametrizations.weight[0]
             sigma_old = (weight.float().norm() / w_eff.norm()).item()
             sigma_new = torch.dot(sn._u.float(), w_new @ sn._v.float()).item()
@@ -466,7 +466,7 @@ def two_means(features: torch.Tensor, iterations: int = 20):
         return None
     centred = features - features.mean(dim=0)
     direction = torch.linalg.svd(centred, full_matrices=False).Vh[0]
-    side = centred @ direction > 0
+    side = centred @ direction > 0                                        # True: group 1
     for _ in range(iterations):
         if side.all() or not side.any():
             return None
@@ -475,7 +475,10 @@ def two_means(features: torch.Tensor, iterations: int = 20):
         if torch.equal(new_side, side):
             break
         side = new_side
-    if side.all() or not side.any() or torch.equal(m1, m2):
+    if side.all() or not side.any():
+        return None
+    m1, m2 = features[side].mean(dim=0), features[~side].mean(dim=0)
+    if torch.equal(m1, m2):
         return None
     return (m1, m2) if side.sum() * 2 >= len(side) else (m2, m1)
 

@@ -166,8 +166,8 @@ def build_config(data_dir: Path, run_root: Path | None, flags: dict, preset: str
             if cfg.method != saved.method:
                 raise ConfigError(f"{run.root} was trained with {saved.method}, not {cfg.method}; "
                                   f"pass --restart to start over or --out for a new run")
-            changed = sorted(k for k, v in flat_settings(cfg).items()
-                             if v != flat_settings(saved).get(k) and k not in RESUMABLE_KEYS)
+            before = flat_settings(saved)
+            changed = sorted(k for k, v in flat_settings(cfg).items() if v != before.get(k) and k not in RESUMABLE_KEYS)
             if changed:
                 raise ConfigError(f"{run.root} was trained with other settings ({', '.join(changed)}); "
                                   f"pass --restart to start over or --out for a new run")

@@ -62,7 +62,10 @@ class SlcGANSettings:
     # of the two become the donor's row plus and minus the direction between the halves, and the
     # generator's and the discriminator's embeddings of the empty cluster (and their Adam moments)
     # copies of the donor's. On MNIST, half the runs of the CPU recipe left 1-4 of 10 clusters empty
-    # from step 500-2,000 to the end (tests/bench/RESULTS.md). A run may be resumed with it switched on.
+    # from step 500-2,000 to the end. There it rescued the runs stuck with two digits in one cluster
+    # (ACC +0.14 to +0.30 on three), but cost runs whose clusters would have come back alone or were
+    # purer with fewer (-0.08 to -0.15 on two; tests/bench/RESULTS.md), so it is off in every preset.
+    # A run may be resumed with it switched on.
     split_empty: bool = False
     split_every: int = 250
     split_start: int = 1000
@@ -326,7 +329,7 @@ class SlcGAN:
                 break
             moves.append(f"empty cluster {dead} took half of cluster {donor}")
         if distributed.agree(int(bool(moves))):                           # rank 0's result everywhere
-            distributed.broadcast_([t for t in self._split_tensors()])
+            distributed.broadcast_(list(self._split_tensors()))
         return "; ".join(moves) or None
 
     @torch.no_grad()

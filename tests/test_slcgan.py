@@ -557,6 +557,9 @@ def test_an_empty_cluster_takes_half_of_the_largest():
     # empty clusters had no second donor.
     assert set(labels[~LIGHT].tolist()) == {0} and set(labels[LIGHT].tolist()) == {1}
     assert torch.equal(torch.get_rng_state(), rng_before)
+    # Spectral norm's estimate of the new rows' sigma is exact (a stale one inflated the biases).
+    sn, raw = method.C.fc.parametrizations.weight[0], method.C.fc.parametrizations.weight.original
+    assert torch.allclose(sn._u @ raw @ sn._v, torch.linalg.matrix_norm(raw, ord=2), rtol=1e-5)
     assert all(torch.equal(v, method.C.state_dict()[k]) for k, v in bn_before.items())
     for net, opt in ((method.G, method.opt_g), (method.D, method.opt_d)):
         embed = method.D.embed.parametrizations.weight.original if net is method.D else method.G.embed.weight

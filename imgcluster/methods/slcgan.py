@@ -364,9 +364,11 @@ class SlcGAN:
         embeddings of `dead`, and the Adam moments of every row changed, become copies of the donor's.
 
         With spectral norm on C's last layer its weight is divided by its largest singular value
-        sigma (estimated with the stored power-iteration vectors), which the new rows change: every
-        bias is divided by the new sigma as well, so each image's logits are those wanted, scaled by
-        one number (the same argmax). False (nothing changed) if the new sigma is not positive."""
+        sigma, which the new rows change: every bias is divided by the new sigma as well, so each
+        image's logits are those wanted, scaled by one number (the same argmax). The new sigma is
+        computed exactly and the power iteration's vectors are set to the new singular vectors: with
+        the stored vectors' estimate, which the new rows can make far too small, the biases grew with
+        every split until they decided every image (one MNIST run collapsed to one cluster)."""
         fc = self.C.fc
         weight = _raw(fc, "weight")
         fc.eval()                                                          # no power iteration here
@@ -383,11 +385,13 @@ class SlcGAN:
         if torch.nn.utils.parametrize.is_parametrized(fc, "weight"):      # spectral norm: raw = effective * sigma
             sn = fc.parametrizations.weight[0]
             sigma_old = (weight.float().norm() / w_eff.norm()).item()
-            sigma_new = torch.dot(sn._u.float(), w_new @ sn._v.float()).item()
-            if sigma_new <= 0:                                             # not a usable estimate: no split
+            left, sigmas, right = torch.linalg.svd(w_new, full_matrices=False)
+            if not sigmas[0] > 0:
                 return False
             weight.copy_(w_new * sigma_old)
-            fc.bias.copy_(b_new / sigma_new)
+            fc.bias.copy_(b_new / sigmas[0])
+            sn._u.copy_(left[:, 0])                                        # the power iteration's vectors,
+            sn._v.copy_(right[0])                                          # so its sigma is the exact one
         else:
             weight.copy_(w_new)
             fc.bias.copy_(b_new)

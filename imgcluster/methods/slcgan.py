@@ -408,9 +408,12 @@ class SlcGAN:
         return True
 
     def _split_tensors(self):
-        """Every tensor a split changes: the parameters above and their Adam moments."""
+        """Every tensor a split changes: the parameters above, spectral norm's vectors and the Adam moments."""
         params = [_raw(self.C.fc, "weight"), self.C.fc.bias, _raw(self.G.embed, "weight"), _raw(self.D.embed, "weight")]
         yield from params
+        if torch.nn.utils.parametrize.is_parametrized(self.C.fc, "weight"):
+            sn = self.C.fc.parametrizations.weight[0]
+            yield from (sn._u, sn._v)                                      # set by the split, not synchronised
         for opt in self.optimizers().values():
             for p in params:
                 for key in ("exp_avg", "exp_avg_sq"):

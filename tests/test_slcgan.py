@@ -17,7 +17,7 @@ from imgcluster.config import ConfigError, load_preset, resolve_config
 from imgcluster.losses import (hinge_d_split, hinge_g_split, marginal_entropy_gap, mode_seeking_ratio,
                                multiview_consistency)
 from imgcluster.methods import METHODS
-from imgcluster.methods.slcgan import two_means
+from imgcluster.methods.slcgan import _raw, two_means
 from imgcluster.models.slcgan import Discriminator, Generator, SlcGANConfig, build_clusterer
 from imgcluster.rundir import RunDir, load_model, save_config, save_model
 from imgcluster.training import batch_indices, load_checkpoint, sample_grid, save_checkpoint, step_indices
@@ -562,7 +562,7 @@ def test_an_empty_cluster_takes_half_of_the_largest():
     assert torch.allclose(sn._u @ raw @ sn._v, torch.linalg.matrix_norm(raw, ord=2), rtol=1e-5)
     assert all(torch.equal(v, method.C.state_dict()[k]) for k, v in bn_before.items())
     for net, opt in ((method.G, method.opt_g), (method.D, method.opt_d)):
-        embed = method.D.embed.parametrizations.weight.original if net is method.D else method.G.embed.weight
+        embed = _raw(net.embed, "weight")                                 # D's under spectral norm: its original
         assert torch.equal(embed[:, 0], embed[:, 1])
         assert torch.equal(opt.state[embed]["exp_avg_sq"][:, 0], opt.state[embed]["exp_avg_sq"][:, 1])
     losses = method.train_step(real_data(cfg, batches=per_step(method)))  # trains on from the split

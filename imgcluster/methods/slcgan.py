@@ -63,9 +63,11 @@ class SlcGANSettings:
     # generator's and the discriminator's embeddings of the empty cluster (and their Adam moments)
     # copies of the donor's. On MNIST, half the runs of the CPU recipe left 1-4 of 10 clusters empty
     # from step 500-2,000 to the end. There it rescued the runs stuck with two digits in one cluster
-    # (ACC +0.14 to +0.30 on three), but cost runs whose clusters would have come back alone or were
-    # purer with fewer (-0.08 to -0.15 on two; tests/bench/RESULTS.md), so it is off in every preset.
-    # A run may be resumed with it switched on.
+    # (ACC +0.04 to +0.36 on three of six seeds), but cost runs whose clusters would have come back
+    # alone or were purer with fewer (-0.04 and -0.08 on two); it raised the mean on Fashion-MNIST
+    # (three seeds, one lower) and CIFAR-10 (one seed) too (tests/bench/RESULTS.md). Off in every preset
+    # until MNIST with the CPU preset and more CIFAR-10 seeds are measured. A run may be resumed with it
+    # switched on.
     split_empty: bool = False
     split_every: int = 250
     split_start: int = 1000

@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 runtime failure, 2 usage error, 3 no usable images, 130
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from contextlib import contextmanager
@@ -534,7 +535,23 @@ def demo(
 
 
 def main():
-    app()
+    if os.environ.get("RANK", "0") == "0":        # one process, or torchrun's rank 0 (distributed.launch_rank)
+        app()
+        return
+    # torchrun's other ranks write no files and print little; they leave without the interpreter's
+    # teardown. After a good run, a gloo rank 1 was sometimes aborted there by a C++ thread's destructor
+    # ("terminate called without an active exception", SIGABRT; three times in suite runs up to
+    # 2026-11-30), although its process group had been destroyed, which failed the whole torchrun.
+    try:
+        app()
+        code = 0
+    except SystemExit as e:                      # typer ends every command with one
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -307,6 +307,11 @@ def _decode_parallel(root, rels, size, max_pixels, workers, chunk) -> Iterator[t
     """
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" in methods:
+        # The server imports this module once, and every worker forks from it ready to decode. By default
+        # it imports the program's __main__ instead (for `imgcluster`: typer and rich), and each worker
+        # imports numpy and Pillow on its first task.
+        context.set_forkserver_preload([__name__])
     try:
         pool = ProcessPoolExecutor(workers, mp_context=context)
     except (BrokenExecutor, OSError) as e:      # no semaphores / cannot start processes
@@ -587,7 +592,7 @@ def _build_cache(rows, npy: Path, meta: Path, info: dict, deliver: _Delivery):
         deliver.begin()
         with closing(rows):
             for start, block, rs in rows:
-                f.write(block.tobytes())
+                f.write(np.ascontiguousarray(block).reshape(-1).data)     # the bytes in place, not a copy
                 reasons.extend(rs)
                 deliver(start, block, rs)
 

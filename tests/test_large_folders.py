@@ -297,6 +297,47 @@ def test_failed_cache_write_falls_back_to_memory_and_hands_each_row_over_once(tm
     same_set(s, load_image_set(root, 8, cache_dir=tmp_path / "fresh", workers=1))
 
 
+def test_a_build_synced_in_the_background_is_the_same_complete_cache(tmp_path, monkeypatch):
+    """With a sync every few rows, the background syncs run during the build (the file's data reaches the
+    disk in pieces) and the cache is the one a build without them writes, complete and reused."""
+    root = make_folder(tmp_path / "data", 40)
+    synced = []
+    real_sync = os.fdatasync
+
+    def recording(fd):
+        synced.append(os.fstat(fd).st_size)
+        real_sync(fd)
+
+    monkeypatch.setattr(data, "SYNC_EVERY", 8 * 8 * 3 * 4)       # four 8 px rows
+    monkeypatch.setattr(os, "fdatasync", recording)
+    built = load_image_set(root, 8, cache_dir=tmp_path / "cache", workers=1)
+    assert len(synced) >= 3 and synced == sorted(synced) and synced[0] < built.images.nbytes
+    assert cache_files(tmp_path / "cache") == [".json", ".npy"]
+    decoded = count_decodes(monkeypatch)
+    same_set(load_image_set(root, 8, cache_dir=tmp_path / "cache", workers=1), built)
+    assert decoded == []                                          # complete: reused as it is
+    monkeypatch.setattr(data, "SYNC_EVERY", 64 << 20)
+    same_set(load_image_set(root, 8, cache_dir=tmp_path / "fresh", workers=1), built)
+
+
+def test_a_failed_background_sync_is_not_lost(tmp_path, monkeypatch, caplog):
+    """An I/O error of a background sync fails the cache write as a failed write does: the set is kept
+    in memory, no cache is left that a later run would trust, and the next build starts over."""
+    root = make_folder(tmp_path / "data", 40)
+
+    def failing(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(data, "SYNC_EVERY", 8 * 8 * 3 * 4)
+    monkeypatch.setattr(os, "fdatasync", failing)
+    s = load_image_set(root, 8, cache_dir=tmp_path / "cache", workers=1)
+    assert "keeping images in memory" in caplog.text and not isinstance(s.images, np.memmap)
+    assert cache_files(tmp_path / "cache") == []
+    monkeypatch.undo()
+    same_set(s, load_image_set(root, 8, cache_dir=tmp_path / "cache", workers=1))
+    assert cache_files(tmp_path / "cache") == [".json", ".npy"]
+
+
 def test_rows_handed_over_during_a_parallel_build_are_the_cached_rows(tmp_path):
     root = tmp_path / "data"
     for i in range(520):                                       # enough files for the worker pool

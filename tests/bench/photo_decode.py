@@ -4,6 +4,7 @@ Run by hand, not by pytest:
 
     git worktree add /tmp/wt-before <commit before the change>
     python tests/bench/photo_decode.py --before /tmp/wt-before          # 600 photos, sides 32, 64, 128
+    python tests/bench/photo_decode.py --before /tmp/wt-before --images DIR --sides 19 76 152   # any folder
 
 1. A folder of N photo-sized JPEGs is generated once from the CUB-100 archive in ../shared/data: each
    bird photo (227 x 227) randomly flipped and cropped, then enlarged to a camera size (4032 x 3024,
@@ -14,6 +15,9 @@ Run by hand, not by pytest:
    workers, an empty cache folder each time) with this checkout's code and with the --before checkout,
    alternated --repeat times in fresh processes; the fastest of each is reported, with the ratio, and
    the mean and largest absolute difference between the two caches' pixels (0-255).
+
+--images DIR builds the caches of DIR's files instead (e.g. the 10,000 small files large_folder.py
+generates), for a change to the cache build itself rather than to decoding.
 
 Nothing is downloaded; the caches are deleted at the end (the generated folder is kept).
 """
@@ -98,16 +102,22 @@ def main() -> None:
     parser.add_argument("--sides", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--folder", type=Path, default=Path("/tmp/imgcluster-bench/photos"))
+    parser.add_argument("--images", type=Path, help="build the caches of this folder's files instead of photos")
     args = parser.parse_args()
 
-    folder = make_folder(args.folder / str(args.photos), args.photos)
-    pixels = 0
-    for path in folder.glob("*.jpg"):
-        with Image.open(path) as img:                # the header only
-            pixels += math.prod(img.size)
-    megapixels = pixels / 1e6
-    print(f"{args.photos} JPEGs, {megapixels / args.photos:.1f} megapixels each on average, in {folder}; "
-          f"load average {os.getloadavg()[0]:.2f}")
+    if args.images:
+        from imgcluster.data import scan_folder
+
+        folder, files = args.images, len(scan_folder(args.images))
+        print(f"{files} files in {folder}; load average {os.getloadavg()[0]:.2f}")
+    else:
+        folder, files = make_folder(args.folder / str(args.photos), args.photos), args.photos
+        pixels = 0
+        for path in folder.glob("*.jpg"):
+            with Image.open(path) as img:                # the header only
+                pixels += math.prod(img.size)
+        print(f"{files} JPEGs, {pixels / 1e6 / files:.1f} megapixels each on average, in {folder}; "
+              f"load average {os.getloadavg()[0]:.2f}")
     print("| side | before: files / s | after: files / s | speed-up | pixels: mean / largest difference |")
     print("| --- | --- | --- | --- | --- |")
     for side in args.sides:
@@ -117,13 +127,13 @@ def main() -> None:
                 for name, tree in (("before", args.before.resolve()), ("after", HERE)):
                     cache = Path(scratch) / f"{name}-{r}"
                     result = build(tree, folder, side, cache)
-                    assert result["ok"] == args.photos, result
+                    assert result["files"] == files and (args.images or result["ok"] == files), result
                     if best[name] is None or result["seconds"] < best[name]["seconds"]:
                         best[name] = result
             a = np.load(best["before"]["npy"]).astype(np.int16)
             b = np.load(best["after"]["npy"]).astype(np.int16)
             diff = np.abs(a - b)
-            rate = {k: args.photos / v["seconds"] for k, v in best.items()}
+            rate = {k: files / v["seconds"] for k, v in best.items()}
             print(f"| {side} | {rate['before']:.0f} | {rate['after']:.0f} | {rate['after'] / rate['before']:.2f}x "
                   f"| {diff.mean():.2f} / {diff.max()} |")
     print(f"load average after: {os.getloadavg()[0]:.2f}")

@@ -636,9 +636,9 @@ def _build_cache(rows, npy: Path, meta: Path, info: dict, deliver: _Delivery):
         try:
             with closing(rows):
                 for start, block, rs in rows:
-                    data = np.ascontiguousarray(block).reshape(-1).data   # the bytes in place, not a copy
-                    f.write(data)
-                    sync.wrote(data.nbytes)
+                    raw = np.ascontiguousarray(block).reshape(-1).data    # the bytes in place, not a copy
+                    f.write(raw)
+                    sync.wrote(raw.nbytes)
                     reasons.extend(rs)
                     deliver(start, block, rs)
         except BaseException:
@@ -683,8 +683,9 @@ def load_image_set(root, size: int, *, cache_dir: Path | None = None, files: lis
     (tests/bench/RESULTS.md).
 
     The .npy is streamed to a temporary file with ordinary writes (a full disk is an OSError, not a
-    SIGBUS from a sparse memmap), sent to disk in the background as it grows, fsynced and renamed; the JSON is renamed last, so a crash never
-    leaves a cache that a later run trusts. If the cache cannot be written, the set is kept in memory.
+    SIGBUS from a sparse memmap), sent to disk in the background as it grows, fsynced and renamed; the
+    JSON is renamed last, so a crash never leaves a cache that a later run trusts. If the cache cannot
+    be written, the set is kept in memory.
     """
     root = Path(root)
     _check_root(root)

@@ -535,8 +535,9 @@ def demo(
 
 
 def main():
-    if os.environ.get("RANK", "0") == "0":        # one process, or torchrun's rank 0 (distributed.launch_rank)
-        app()
+    # distributed.launched() and launch_rank(), read without importing torch
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("RANK", "0") == "0":
+        app()                                     # one process, or torchrun's rank 0
         return
     # torchrun's other ranks write no files and print little; they leave without the interpreter's
     # teardown. After a good run, a gloo rank 1 was sometimes aborted there by a C++ thread's destructor

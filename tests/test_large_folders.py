@@ -302,7 +302,7 @@ def test_a_build_synced_in_the_background_is_the_same_complete_cache(tmp_path, m
     disk in pieces) and the cache is the one a build without them writes, complete and reused."""
     root = make_folder(tmp_path / "data", 40)
     synced = []
-    real_sync = os.fdatasync
+    real_sync, every = os.fdatasync, data.SYNC_EVERY
 
     def recording(fd):
         synced.append(os.fstat(fd).st_size)
@@ -316,7 +316,7 @@ def test_a_build_synced_in_the_background_is_the_same_complete_cache(tmp_path, m
     decoded = count_decodes(monkeypatch)
     same_set(load_image_set(root, 8, cache_dir=tmp_path / "cache", workers=1), built)
     assert decoded == []                                          # complete: reused as it is
-    monkeypatch.setattr(data, "SYNC_EVERY", 64 << 20)
+    monkeypatch.setattr(data, "SYNC_EVERY", every)
     same_set(load_image_set(root, 8, cache_dir=tmp_path / "fresh", workers=1), built)
 
 

@@ -298,26 +298,62 @@ def test_failed_cache_write_falls_back_to_memory_and_hands_each_row_over_once(tm
 
 
 def test_a_build_synced_in_the_background_is_the_same_complete_cache(tmp_path, monkeypatch):
-    """With a sync every few rows, the background syncs run during the build (the file's data reaches the
-    disk in pieces) and the cache is the one a build without them writes, complete and reused."""
+    """With a sync every few rows, the file's data reaches the disk in the background during the build
+    (how many syncs run depends on how fast the disk is; the first always does) and the cache is the one
+    a build without them writes, complete and reused."""
     root = make_folder(tmp_path / "data", 40)
     synced = []
     real_sync, every = os.fdatasync, data.SYNC_EVERY
 
     def recording(fd):
-        synced.append(os.fstat(fd).st_size)
+        synced.append((threading.current_thread().name, os.fstat(fd).st_size))
         real_sync(fd)
 
     monkeypatch.setattr(data, "SYNC_EVERY", 8 * 8 * 3 * 4)       # four 8 px rows
     monkeypatch.setattr(os, "fdatasync", recording)
     built = load_image_set(root, 8, cache_dir=tmp_path / "cache", workers=1)
-    assert len(synced) >= 3 and synced == sorted(synced) and synced[0] < built.images.nbytes
+    background = [size for name, size in synced if name == "imgcluster-cache-sync"]
+    assert background and background == sorted(background)
+    assert background[0] >= 8 * 8 * 3 * 4                         # flushed before its sync: four rows at least
     assert cache_files(tmp_path / "cache") == [".json", ".npy"]
     decoded = count_decodes(monkeypatch)
     same_set(load_image_set(root, 8, cache_dir=tmp_path / "cache", workers=1), built)
     assert decoded == []                                          # complete: reused as it is
     monkeypatch.setattr(data, "SYNC_EVERY", every)
     same_set(load_image_set(root, 8, cache_dir=tmp_path / "fresh", workers=1), built)
+
+
+def test_background_syncs_never_overlap_and_each_sees_the_bytes_written_so_far(tmp_path, monkeypatch):
+    """The schedule, without timing: a sync starts once SYNC_EVERY bytes are unsent and none is running;
+    bytes written while one runs wait for the next; each sync sees the file flushed up to its start."""
+    running, release, seen = threading.Semaphore(0), threading.Event(), []
+
+    def gated(fd):
+        seen.append((threading.current_thread().name, os.fstat(fd).st_size))
+        running.release()
+        release.wait(10)
+
+    monkeypatch.setattr(data, "SYNC_EVERY", 100)
+    monkeypatch.setattr(os, "fdatasync", gated)
+    with open(tmp_path / "f", "wb") as f:
+        sync = data._BackgroundSync(f)
+
+        def write(n):
+            f.write(b"x" * n)
+            sync.wrote(n)
+
+        write(60)
+        assert sync.thread is None                                # under SYNC_EVERY: nothing sent yet
+        write(60)
+        assert running.acquire(timeout=10) and seen == [("imgcluster-cache-sync", 120)]
+        write(200)                                                # the first sync still runs: no second
+        assert sync.thread.is_alive() and len(seen) == 1
+        release.set()
+        sync.wait()
+        write(10)                                                 # 210 bytes unsent, none running: sent
+        assert running.acquire(timeout=10)
+        sync.finish()
+    assert seen == [("imgcluster-cache-sync", 120), ("imgcluster-cache-sync", 330)]
 
 
 def test_a_failed_background_sync_is_not_lost(tmp_path, monkeypatch, caplog):

@@ -52,6 +52,11 @@ class TrainConfig:
         return out
 
 
+def cache_side(image_size: int, load_ratio: float) -> int:
+    """Side of the cached images: image_size * load_ratio, so training views can be random crops."""
+    return max(image_size, round(image_size * load_ratio))
+
+
 GENERAL_KEYS = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "method_settings"]
 
 

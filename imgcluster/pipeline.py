@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from imgcluster.config import TrainConfig
-from imgcluster.data import (DEFAULT_MAX_PIXELS, ImageSet, NoUsableImages, load_image_set, scan_folder,
-                             usable_cpus, write_bad_images)
+from imgcluster.data import (DEFAULT_MAX_PIXELS, BackgroundBuild, ImageSet, NoUsableImages, load_image_set,
+                             scan_folder, usable_cpus, write_bad_images)
 from imgcluster.assignments import Assignment, write_assignments
 from imgcluster.inference import (SHEET_MEMBERS, BatchMaker, Upload, assign_batches, assign_images, read_ahead,
                                   set_batches, write_sheets)
@@ -96,35 +96,44 @@ class FolderAssignments:
     """Iterate for one Assignment per file of a folder, in order; `images` is the folder's ImageSet
     once the iteration has ended. Made by assign_folder.
 
-    A thread feeds the model. Given no ImageSet (a cold cache, overlapped), it runs the cache build,
-    decoding in worker processes, and hands over each batch as soon as its rows are decoded, so the
-    model runs while later files are decoded; given one, it reads the next batches from the memmap
-    (and copies them to the device) during the forward. Either way the model sees the same batches,
-    so the rows are the same.
+    A thread feeds the model. Given no ImageSet (a cold cache, overlapped), it reads the rows of a
+    BackgroundBuild (decoding in worker processes, maybe started before the model was loaded) and hands
+    over each batch as soon as its rows are decoded, so the model runs while later files are decoded;
+    given one, it reads the next batches from the memmap (and copies them to the device) during the
+    forward. Either way the model sees the same batches, so the rows are the same.
     """
 
     def __init__(self, method, data_dir: Path, size: int, files: list[str], *, batch_size: int,
                  max_pixels: int | None, progress: Callable[[int, int], None] | None,
-                 images: ImageSet | None = None):
+                 images: ImageSet | None = None, build: BackgroundBuild | None = None):
         self.method, self.data_dir, self.size, self.files = method, data_dir, size, files
         self.batch_size, self.max_pixels, self.progress = batch_size, max_pixels, progress
-        self.images = images
+        self.images, self.build = images, build
 
     def __iter__(self) -> Iterator[Assignment]:
         n = len(self.files)
-        self._built = threading.Event()
-        before = self._share_cpus()
+        if self.images is None and self.build is None:
+            self.build = BackgroundBuild(self.data_dir, self.size, self.files, max_pixels=self.max_pixels)
         try:
-            for i, row in enumerate(assign_batches(self.method, self.files, read_ahead(self._feed)), 1):
-                if before and self._built.is_set():
+            before = self._share_cpus()
+            try:
+                for i, row in enumerate(assign_batches(self.method, self.files, read_ahead(self._feed)), 1):
+                    if before and self.build.done.is_set():
+                        torch.set_num_threads(before)
+                        before = 0
+                    if self.progress and (i % self.batch_size == 0 or i == n):
+                        self.progress(i, n)
+                    yield row
+            finally:
+                if before:
                     torch.set_num_threads(before)
-                    before = 0
-                if self.progress and (i % self.batch_size == 0 or i == n):
-                    self.progress(i, n)
-                yield row
         finally:
-            if before:
-                torch.set_num_threads(before)
+            self.close()
+
+    def close(self) -> None:
+        """Stop a cache build still running (an assignment not iterated to the end); idempotent."""
+        if self.build is not None:
+            self.build.close()
 
     def _share_cpus(self) -> int:
         """A model on the CPU beside a cache build shares the cores with the decoding workers: torch runs
@@ -141,9 +150,9 @@ class FolderAssignments:
         upload = Upload(self.method.device)
         if self.images is None:
             maker = BatchMaker(self.batch_size, put, upload)
-            self.images = load_image_set(self.data_dir, self.size, files=self.files, max_pixels=self.max_pixels,
-                                         on_rows=maker.add)
-            self._built.set()
+            for start, block, reasons in self.build.rows():
+                maker.add(start, block, reasons)
+            self.images = self.build.result()
             if maker.seen:                      # built just now: every row went through the maker
                 maker.finish()
                 return
@@ -153,7 +162,8 @@ class FolderAssignments:
 
 def assign_folder(method, data_dir: Path, size: int, *, batch_size: int = 256, strict: bool = False,
                   max_pixels: int | None = DEFAULT_MAX_PIXELS, overlap: bool = True,
-                  progress: Callable[[int, int], None] | None = None) -> FolderAssignments:
+                  progress: Callable[[int, int], None] | None = None,
+                  build: BackgroundBuild | None = None) -> FolderAssignments:
     """Assign every file of a folder, streaming (see FolderAssignments); `progress` counts rows assigned.
 
     The folder is scanned now, so a missing or empty folder raises before the first row. `overlap`
@@ -161,12 +171,21 @@ def assign_folder(method, data_dir: Path, size: int, *, batch_size: int = 256, s
     about 10% faster than building first on 2 cores, tests/bench/large_folder.py). Without overlap, and
     with `strict`, the cache is built first, reporting to `progress` too; so with `strict` an unusable
     file stops everything before any row is written.
+
+    `build` is a BackgroundBuild started from a hint before the model was loaded (`assign` starts one
+    before it imports torch, so the workers decode while torch loads). It is used if it decodes this
+    folder at this size and limit, without `strict`, and closed otherwise; the caller closes it if this
+    raises.
     """
-    files = scan_folder(data_dir)
+    if build is not None and (strict or not overlap or build.root != Path(data_dir) or build.size != size
+                              or build.max_pixels != max_pixels):
+        build.close()
+        build = None
+    files = build.files if build is not None else scan_folder(data_dir)
     if not files:
         raise NoUsableImages(f"{data_dir}: no usable images (no files found; hidden files are skipped)")
     images = None
     if strict or not overlap:
         images = prepare_images(data_dir, size, files=files, strict=strict, max_pixels=max_pixels, progress=progress)
     return FolderAssignments(method, data_dir, size, files, batch_size=batch_size, max_pixels=max_pixels,
-                             progress=progress, images=images)
+                             progress=progress, images=images, build=build)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from imgcluster import __version__
 from imgcluster.checkpoint import MODEL_FORMAT, CheckpointError, atomic_write_text, read_state, write_state
-from imgcluster.config import ConfigError, TrainConfig, config_from_dict, dump_config, read_yaml
+from imgcluster.config import ConfigError, TrainConfig, cache_side, config_from_dict, dump_config, read_yaml
 
 if TYPE_CHECKING:
     import torch
@@ -76,6 +76,18 @@ def read_config(run: RunDir) -> dict:
     if not run.config.is_file():
         raise ConfigError(f"{run.root}: not a run directory (no config.yaml)")
     return read_yaml(run.config.read_text(encoding="utf-8"), str(run.config))
+
+
+def saved_cache_side(run: RunDir) -> tuple[Path, int] | None:
+    """(training folder, cache side) as config.yaml gives them, read without checking the config (which
+    imports the method's module, and torch), so `assign` can start decoding while torch loads; None if
+    the file does not say. A hint only: the checked config decides (pipeline.assign_folder)."""
+    try:
+        raw = read_config(run)
+        section = raw[raw["method"]]
+        return Path(raw["data_dir"]), cache_side(int(raw["image_size"]), float(section["load_ratio"]))
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return None
 
 
 def saved_clusters(run: RunDir) -> int:

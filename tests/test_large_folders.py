@@ -8,6 +8,8 @@ import io
 import json
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -461,14 +463,15 @@ def test_streamed_assign_gives_the_rows_of_before_cold_and_warm(big_folder, tmp_
     assert len(reference) == 603 and sum(r.cluster is None for r in reference) == 3
 
     built = threading.Event()
-    real_load = pipeline.load_image_set
+    real_load = data.load_image_set
 
     def load_then_flag(*args, **kwargs):
         images = real_load(*args, **kwargs)
         built.set()
         return images
 
-    monkeypatch.setattr(pipeline, "load_image_set", load_then_flag)
+    monkeypatch.setattr(data, "load_image_set", load_then_flag)
+    monkeypatch.setattr(data, "BUILD_AHEAD", 1)                # the build waits for the model: one block ahead
     progress = []
     cold = pipeline.assign_folder(method, big_folder, size, batch_size=64, overlap=True,
                                   progress=lambda d, n: progress.append(d))
@@ -502,6 +505,7 @@ def test_strict_assign_stops_before_the_first_row(big_folder, tmp_path, monkeypa
 
 def test_stopping_early_ends_the_build_and_leaves_no_temp_file(big_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("IMGCLUSTER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "BUILD_AHEAD", 1)                # the build waits for the reader (else it may end first)
     cfg, method = tiny_method()
     threads = threading.active_count()
     rows = iter(pipeline.assign_folder(method, big_folder, pipeline.cache_size(cfg), batch_size=16, overlap=True))
@@ -511,6 +515,117 @@ def test_stopping_early_ends_the_build_and_leaves_no_temp_file(big_folder, tmp_p
     assert threading.active_count() == threads
     assert torch.get_num_threads() == torch_threads            # restored (it was lowered during the build)
     assert not list((tmp_path / "cache").glob("*"))            # no cache trusted, no temp file left
+
+
+def test_a_background_build_holds_a_bounded_number_of_bytes_for_a_reader_not_ready(tmp_path, monkeypatch):
+    """Started before its reader (as `assign` starts it before importing torch), a build runs ahead by
+    `ahead` bytes at most, then waits; read later, it yields every row once, in order, and its set is
+    the set a plain build gives."""
+    monkeypatch.setenv("IMGCLUSTER_CACHE", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "data", 40)
+    files = data.scan_folder(root)
+    held = []
+    real_hold = data.BackgroundBuild._hold
+
+    def recording(self, start, block, reasons):
+        real_hold(self, start, block, reasons)
+        held.append(self._held)
+
+    monkeypatch.setattr(data.BackgroundBuild, "_hold", recording)
+    row = 8 * 8 * 3
+    build = data.BackgroundBuild(root, 8, files, ahead=3 * row)
+    try:
+        deadline = time.monotonic() + 30
+        while len(held) < 3 and time.monotonic() < deadline:          # one row a block, workers=1 here
+            time.sleep(0.01)
+        time.sleep(0.3)
+        assert held and max(held) <= 3 * row and not build.done.is_set()   # waiting for the reader
+        rows = list(build.rows())
+    finally:
+        build.close()
+    assert [r[0] for r in rows] == list(np.cumsum([0] + [len(r[2]) for r in rows[:-1]]))
+    images = build.result()
+    assert np.array_equal(np.concatenate([r[1] for r in rows]), images.images)
+    same_set(images, load_image_set(root, 8, cache_dir=tmp_path / "plain", workers=1))
+
+
+def test_closing_a_background_build_its_reader_never_read_leaves_no_cache(tmp_path, monkeypatch):
+    """E.g. the model of a cold `assign` fails to load after the build started: the build unwinds, its
+    temporary file is deleted, an earlier cache stays, and the next build is complete."""
+    monkeypatch.setenv("IMGCLUSTER_CACHE", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "data", 40)
+    old = load_image_set(root, 8, files=data.scan_folder(root)[:10])     # an earlier cache of the folder
+    before = sorted(p.name for p in (tmp_path / "cache").glob("*"))
+    threads = threading.active_count()
+    build = data.BackgroundBuild(root, 8, data.scan_folder(root), ahead=1)
+    time.sleep(0.2)
+    build.close()
+    assert build.done.is_set() and threading.active_count() == threads
+    assert sorted(p.name for p in (tmp_path / "cache").glob("*")) == before     # no temp file, old cache kept
+    same_set(load_image_set(root, 8), load_image_set(root, 8, cache_dir=tmp_path / "fresh"))
+    assert len(old.files) == 10
+
+
+def test_a_background_build_hands_its_error_to_the_reader(tmp_path):
+    build = data.BackgroundBuild(tmp_path / "gone", 8, ["a.png"])
+    try:
+        with pytest.raises(data.DataError, match="gone"):
+            list(build.rows())
+    finally:
+        build.close()
+
+
+def test_a_build_started_for_another_size_is_closed_and_the_rows_are_the_same(big_folder, tmp_path, monkeypatch):
+    """The hint `assign` starts its build from is checked against the loaded config: a build of another
+    size (or folder) is stopped and the right one decoded."""
+    monkeypatch.setenv("IMGCLUSTER_CACHE", str(tmp_path / "cache"))
+    cfg, method = tiny_method()
+    size = pipeline.cache_size(cfg)
+    reference = assign_as_before(method, load_image_set(big_folder, size, cache_dir=tmp_path / "ref"), 64)
+    wrong = data.BackgroundBuild(big_folder, size + 3, data.scan_folder(big_folder))
+    rows = pipeline.assign_folder(method, big_folder, size, batch_size=64, build=wrong)
+    assert wrong.done.is_set() and rows.build is None
+    assert list(rows) == reference
+    right = data.BackgroundBuild(big_folder, size, data.scan_folder(big_folder))
+    rows = pipeline.assign_folder(method, big_folder, size, batch_size=64, build=right)
+    assert rows.build is right and list(rows) == reference and right.done.is_set()
+
+
+def test_assign_starts_decoding_before_it_imports_torch(big_folder, tmp_path):
+    """The overlap itself: in a fresh process, the command's early build is running while torch is not
+    yet imported, at the side the run's checked config gives."""
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", str(big_folder), "--clusters", "3", "--preset", "cpu-tiny",
+                                      "--steps", "1", "--out", str(run), "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from imgcluster.cli import start_build_early\n"
+        "build = start_build_early(Path(sys.argv[1]), None, 10**8)\n"
+        "started = build is not None and not build.done.is_set() and 'torch' not in sys.modules\n"
+        "build.close()\n"
+        "from imgcluster import pipeline\n"
+        "from imgcluster.rundir import RunDir, load_config\n"
+        "print(started, build.root, build.size == pipeline.cache_size(load_config(RunDir(Path(sys.argv[1])))))\n"
+    )
+    env = {**os.environ, "IMGCLUSTER_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", str(big_folder), "True"]
+
+
+@pytest.mark.parametrize("flags", [["--precision", "fp64"], ["--device", "cuda:9"]])
+def test_a_cold_assign_refused_after_its_build_started_leaves_no_cache(big_folder, tmp_path, monkeypatch, flags):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", str(big_folder), "--clusters", "3", "--preset", "cpu-tiny",
+                                      "--steps", "1", "--out", str(run), "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    monkeypatch.setenv("IMGCLUSTER_CACHE", str(tmp_path / "cache"))
+    threads = threading.active_count()
+    result = CliRunner().invoke(app, ["assign", str(run), *flags])
+    assert result.exit_code == 2 and flags[0] in result.stderr
+    assert threading.active_count() == threads and not list((tmp_path / "cache").glob("*"))
 
 
 def test_an_error_in_the_reading_thread_comes_out(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from imgcluster import augment, distributed
+from imgcluster.config import cache_side
 from imgcluster.precision import resolve_memory_format
 
 
@@ -54,7 +55,7 @@ def training_handle(net: nn.Module, cfg, device: torch.device) -> nn.Module:
 
 def cached_side(cfg) -> int:
     """Side of the cached images: image_size * load_ratio, so training views can be random crops."""
-    return max(cfg.image_size, round(cfg.image_size * cfg.method_settings.load_ratio))
+    return cache_side(cfg.image_size, cfg.method_settings.load_ratio)
 
 
 def eval_view(real_uint8: torch.Tensor, image_size: int) -> torch.Tensor:

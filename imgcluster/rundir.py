@@ -86,7 +86,7 @@ def saved_cache_side(run: RunDir) -> tuple[Path, int] | None:
         raw = read_config(run)
         section = raw[raw["method"]]
         return Path(raw["data_dir"]), cache_side(int(raw["image_size"]), float(section["load_ratio"]))
-    except (ConfigError, KeyError, TypeError, ValueError):
+    except (ConfigError, OSError, KeyError, TypeError, ValueError):
         return None
 
 

@@ -591,6 +591,21 @@ def test_a_build_started_for_another_size_is_closed_and_the_rows_are_the_same(bi
     assert rows.build is right and list(rows) == reference and right.done.is_set()
 
 
+@pytest.mark.parametrize("preset", ["cpu-tiny", "slcgan-tiny", "c3gan-128", "slcgan-32-cpu"])
+def test_the_early_hint_is_the_checked_configs_cache_side(tmp_path, preset):
+    from imgcluster.rundir import load_config, saved_cache_side
+
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    cfg = resolve_config((load_preset(preset), preset), ({"clusters": 7, "data_dir": str(tmp_path / "photos")}, "test"))
+    save_config(run, cfg)
+    assert saved_cache_side(run) == (tmp_path / "photos", pipeline.cache_size(load_config(run)))
+    run.config.write_text(run.config.read_text().replace("load_ratio:", "other:"))
+    assert saved_cache_side(run) is None                          # no hint: assign decodes after the model loads
+    run.config.unlink()
+    assert saved_cache_side(run) is None
+
+
 def test_assign_starts_decoding_before_it_imports_torch(big_folder, tmp_path):
     """The overlap itself: in a fresh process, the command's early build is running while torch is not
     yet imported, at the side the run's checked config gives."""

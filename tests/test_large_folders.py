@@ -536,7 +536,7 @@ def test_a_background_build_holds_a_bounded_number_of_bytes_for_a_reader_not_rea
     build = data.BackgroundBuild(root, 8, files, ahead=3 * row)
     try:
         deadline = time.monotonic() + 30
-        while len(held) < 3 and time.monotonic() < deadline:          # one row a block, workers=1 here
+        while len(held) < 3 and time.monotonic() < deadline:          # 40 files: decoded here, a row a block
             time.sleep(0.01)
         time.sleep(0.3)
         assert held and max(held) <= 3 * row and not build.done.is_set()   # waiting for the reader

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from imgcluster.checkpoint import atomic_write
+from imgcluster.handoff import Handoff
 
 CACHE_FORMAT = 3                      # 2: names start with a folder id, the JSON holds each file's size and mtime;
                                       # 3: large JPEGs decoded at a reduced scale (DRAFT_MARGIN)
@@ -729,10 +730,6 @@ def load_image_set(root, size: int, *, cache_dir: Path | None = None, files: lis
     return ImageSet(root, files, size, *hit)
 
 
-class _BuildClosed(Exception):
-    """Raised inside a BackgroundBuild's on_rows once it is closed, so the build unwinds."""
-
-
 class BackgroundBuild:
     """load_image_set of `files` in a thread, started before its reader is ready: a cold `assign` starts
     decoding, then imports torch and loads the model (2-3 s on a 2-core CPU) while the workers decode.
@@ -741,77 +738,38 @@ class BackgroundBuild:
     larger); past that the build waits. `rows()` yields every row block of a build once, in order (none
     when a complete cache is reused) and then raises the build's error, if any; `result()` is the
     ImageSet. `close()` stops a build that is still running (it unwinds as on any error: the temporary
-    cache file is deleted, an earlier cache is kept) and waits for its thread; a reader must call it.
-    `done` is set once the build has ended.
+    cache file is deleted, an earlier cache is kept) and waits for its thread; a reader must call it
+    (also as a context manager). `done` is set once the build has ended.
     """
 
     def __init__(self, root: Path, size: int, files: list[str], *, max_pixels=DEFAULT_MAX_PIXELS,
                  ahead: int | None = None):
         self.root, self.size, self.files, self.max_pixels = Path(root), size, files, max_pixels
-        self.ahead = BUILD_AHEAD if ahead is None else ahead
-        self.done = threading.Event()
-        self._lock = threading.Condition()
-        self._blocks: deque = deque()
-        self._held = 0                          # bytes in _blocks
-        self._closed = False
         self._set: ImageSet | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="imgcluster-cache-build", daemon=True)
-        self._thread.start()
+        self._rows = Handoff(self._build, BUILD_AHEAD if ahead is None else ahead,
+                             weigh=lambda row: row[1].nbytes, name="imgcluster-cache-build")
+        self.done = self._rows.done
 
-    def _run(self) -> None:
-        try:
-            built = load_image_set(self.root, self.size, files=self.files, max_pixels=self.max_pixels,
-                                   on_rows=self._hold)
-        except BaseException as e:              # handed to the reader by rows()
-            with self._lock:
-                self._error = e
-        else:
-            with self._lock:
-                self._set = built
-        finally:
-            with self._lock:
-                self.done.set()
-                self._lock.notify_all()
-
-    def _hold(self, start: int, block: np.ndarray, reasons: list[str]) -> None:
-        block = np.array(block)                 # its own copy: the build may reuse or unmap its buffer
-        with self._lock:
-            while self._held and self._held + block.nbytes > self.ahead and not self._closed:
-                self._lock.wait()
-            if self._closed:
-                raise _BuildClosed
-            self._blocks.append((start, block, list(reasons)))
-            self._held += block.nbytes
-            self._lock.notify_all()
+    def _build(self, put) -> None:
+        # each block its own copy: the build may reuse or unmap its buffer
+        self._set = load_image_set(self.root, self.size, files=self.files, max_pixels=self.max_pixels,
+                                   on_rows=lambda start, block, reasons: put((start, np.array(block), list(reasons))))
 
     def rows(self) -> Iterator[tuple[int, np.ndarray, list[str]]]:
-        while True:
-            with self._lock:
-                while not self._blocks and not self.done.is_set():
-                    self._lock.wait()
-                if not self._blocks:
-                    if self._error is not None:
-                        raise self._error
-                    return
-                start, block, reasons = self._blocks.popleft()
-                self._held -= block.nbytes
-                self._lock.notify_all()
-            yield start, block, reasons
+        return iter(self._rows)
 
     def result(self) -> ImageSet:
         """The set, once rows() is exhausted."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
         return self._set
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._blocks.clear()
-            self._lock.notify_all()
-        self._thread.join()
+        self._rows.close()
+
+    def __enter__(self) -> BackgroundBuild:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def write_bad_images(path: Path, image_set: ImageSet) -> int:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +11,7 @@ import torch
 
 from imgcluster.assignments import Assignment
 from imgcluster.data import ImageSet
+from imgcluster.handoff import Handoff
 
 SHEET_MEMBERS = 16          # real images per cluster on a sheet: write_sheets' per_row * real_rows
 READ_AHEAD = 2              # batches read (and copied to the device) ahead of the model
@@ -110,56 +109,14 @@ class BatchMaker:
         self.reasons, self.pixels, self.count = [], [], 0
 
 
-class _Stopped(Exception):
-    """Raised in a read-ahead thread whose reader has gone."""
-
-
-@dataclass
-class _Failed:
-    error: BaseException
-
-
 def read_ahead(produce: Callable[[Callable[[object], None]], None], depth: int = READ_AHEAD) -> Iterator:
-    """Run produce(put) in a thread and yield what it puts, in order, at most `depth` items ahead.
+    """Run produce(put) in a thread (once the first item is asked for) and yield what it puts, in order,
+    at most `depth` items ahead.
 
     An error in the thread comes out here. If the reader stops early (an error, Ctrl-C), the thread's
     next put raises, so it unwinds (a cache build deletes its temporary file) before this returns.
     """
-    items: queue.Queue = queue.Queue(depth)
-    stop = threading.Event()
-    done = object()
-
-    def put(item) -> None:
-        while not stop.is_set():
-            try:
-                items.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-        raise _Stopped
-
-    def run() -> None:
-        try:
-            produce(put)
-            put(done)
-        except _Stopped:
-            pass
-        except BaseException as e:         # handed to the reader, which raises it
-            try:
-                put(_Failed(e))
-            except _Stopped:
-                pass
-
-    thread = threading.Thread(target=run, name="imgcluster-read-ahead", daemon=True)
-    thread.start()
-    try:
-        while (item := items.get()) is not done:
-            if isinstance(item, _Failed):
-                raise item.error
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+    yield from Handoff(produce, depth, name="imgcluster-read-ahead")
 
 
 # ---------------------------------------------------------------------------------------------

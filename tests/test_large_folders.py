@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from imgcluster import data, inference, pipeline
+from imgcluster import data, handoff, inference, pipeline
 from imgcluster.cli import app
 from imgcluster.config import load_preset, resolve_config
 from imgcluster.data import load_image_set, usable_cpus
@@ -525,13 +525,13 @@ def test_a_background_build_holds_a_bounded_number_of_bytes_for_a_reader_not_rea
     root = make_folder(tmp_path / "data", 40)
     files = data.scan_folder(root)
     held = []
-    real_hold = data.BackgroundBuild._hold
+    real_put = handoff.Handoff._put
 
-    def recording(self, start, block, reasons):
-        real_hold(self, start, block, reasons)
+    def recording(self, item):
+        real_put(self, item)
         held.append(self._held)
 
-    monkeypatch.setattr(data.BackgroundBuild, "_hold", recording)
+    monkeypatch.setattr(handoff.Handoff, "_put", recording)
     row = 8 * 8 * 3
     build = data.BackgroundBuild(root, 8, files, ahead=3 * row)
     try:

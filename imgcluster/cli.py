@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 runtime failure, 2 usage error, 3 no usable images, 130
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -388,13 +389,38 @@ def assign(
 
     if fmt not in ("csv", "jsonl"):
         fail(f"--format: must be csv or jsonl, got {fmt!r}", EXIT_USAGE)
-    limit = max_pixels or DEFAULT_MAX_PIXELS
-    early = None if strict else start_build_early(run_dir, data_dir, limit)
-    try:
-        _assign(run_dir, data_dir, output, fmt, sheets, batch_size, device, precision, strict, limit, quiet, early)
-    finally:
-        if early is not None:
-            early.close()
+    max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+    early = None if strict else start_build_early(run_dir, data_dir, max_pixels)
+    with early or contextlib.nullcontext():         # stopped if the command fails before it uses the rows
+        from imgcluster import pipeline
+        from imgcluster.assignments import write_assignments
+        from imgcluster.inference import SHEET_MEMBERS, write_sheets
+        from imgcluster.precision import cpu_bf16_hint
+
+        cfg, method = load_run_or_exit(run_dir, device, precision)
+        folder = data_dir or Path(cfg.data_dir)
+        if not folder.is_dir():
+            fail(f"DATA_DIR {folder}: no such folder", EXIT_USAGE)
+        hint = cpu_bf16_hint(precision or cfg.precision, method.device, "assign")
+        if hint and not quiet:
+            console.info(hint)
+        with errors_as_exit_codes():
+            with console.Reporter("assigning", quiet) as rep:
+                # rows stream out as they are assigned; only the sheets' members are kept
+                rows = pipeline.assign_folder(method, folder, pipeline.cache_size(cfg), batch_size=batch_size,
+                                              strict=strict, max_pixels=max_pixels, build=early,
+                                              progress=lambda d, t: rep.update(d, t))
+                out = data_stdout() if output == "-" else open(output, "w", newline="", encoding="utf-8",
+                                                               errors="surrogateescape")
+                try:
+                    tally = write_assignments(rows, out, fmt, keep=SHEET_MEMBERS if sheets else 0)
+                finally:
+                    if out is not sys.stdout:
+                        out.close()
+            if sheets:
+                write_sheets(method, rows.images, tally.kept, sheets, seed=cfg.seed)
+    console.info(f"assigned {tally.assigned} images, {tally.bad} unusable files listed with their reason"
+                 + (f"; wrote {output}" if output != "-" else ""))
 
 
 def start_build_early(run_dir: Path, data_dir: Path | None, max_pixels: int):
@@ -413,39 +439,6 @@ def start_build_early(run_dir: Path, data_dir: Path | None, max_pixels: int):
     except (DataError, OSError):
         return None
     return BackgroundBuild(folder, hint[1], files, max_pixels=max_pixels) if files else None
-
-
-def _assign(run_dir, data_dir, output, fmt, sheets, batch_size, device, precision, strict, max_pixels, quiet,
-            early):
-    from imgcluster import pipeline
-    from imgcluster.assignments import write_assignments
-    from imgcluster.inference import SHEET_MEMBERS, write_sheets
-    from imgcluster.precision import cpu_bf16_hint
-
-    cfg, method = load_run_or_exit(run_dir, device, precision)
-    folder = data_dir or Path(cfg.data_dir)
-    if not folder.is_dir():
-        fail(f"DATA_DIR {folder}: no such folder", EXIT_USAGE)
-    hint = cpu_bf16_hint(precision or cfg.precision, method.device, "assign")
-    if hint and not quiet:
-        console.info(hint)
-    with errors_as_exit_codes():
-        with console.Reporter("assigning", quiet) as rep:
-            # rows stream out as they are assigned; only the sheets' members are kept
-            rows = pipeline.assign_folder(method, folder, pipeline.cache_size(cfg), batch_size=batch_size,
-                                          strict=strict, max_pixels=max_pixels, build=early,
-                                          progress=lambda d, t: rep.update(d, t))
-            out = data_stdout() if output == "-" else open(output, "w", newline="", encoding="utf-8",
-                                                           errors="surrogateescape")
-            try:
-                tally = write_assignments(rows, out, fmt, keep=SHEET_MEMBERS if sheets else 0)
-            finally:
-                if out is not sys.stdout:
-                    out.close()
-        if sheets:
-            write_sheets(method, rows.images, tally.kept, sheets, seed=cfg.seed)
-    console.info(f"assigned {tally.assigned} images, {tally.bad} unusable files listed with their reason"
-                 + (f"; wrote {output}" if output != "-" else ""))
 
 
 @app.command()

@@ -127,12 +127,8 @@ class FolderAssignments:
                 if before:
                     torch.set_num_threads(before)
         finally:
-            self.close()
-
-    def close(self) -> None:
-        """Stop a cache build still running (an assignment not iterated to the end); idempotent."""
-        if self.build is not None:
-            self.build.close()
+            if self.build is not None:
+                self.build.close()              # stops a build still running (the reader stopped early)
 
     def _share_cpus(self) -> int:
         """A model on the CPU beside a cache build shares the cores with the decoding workers: torch runs

@@ -431,6 +431,17 @@ def tiny_method(clusters: int = 5):
     return cfg, METHODS[cfg.method](cfg, CPU)
 
 
+def saved_run(root: Path, data_dir: Path):
+    """A run directory of tiny_method's untrained networks on `data_dir`, as `train` leaves it."""
+    cfg, method = tiny_method()
+    cfg = resolve_config((cfg.to_dict(), "test"), ({"data_dir": str(data_dir)}, "test"))
+    run = RunDir(root)
+    run.make()
+    save_config(run, cfg)
+    save_model(run, method, cfg, 0)
+    return run, cfg, method
+
+
 def assign_as_before(method, images, batch_size) -> list[Assignment]:
     """The rows `assign` gave before streaming: batches of consecutive good rows of the finished set."""
     good = images.good_indices
@@ -609,10 +620,7 @@ def test_the_early_hint_is_the_checked_configs_cache_side(tmp_path, preset):
 def test_assign_starts_decoding_before_it_imports_torch(big_folder, tmp_path):
     """The overlap itself: in a fresh process, the command's early build is running while torch is not
     yet imported, at the side the run's checked config gives."""
-    run = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", str(big_folder), "--clusters", "3", "--preset", "cpu-tiny",
-                                      "--steps", "1", "--out", str(run), "--quiet"])
-    assert result.exit_code == 0, result.stderr
+    run = saved_run(tmp_path / "run", big_folder)[0].root
     code = (
         "import sys\n"
         "from pathlib import Path\n"
@@ -632,10 +640,7 @@ def test_assign_starts_decoding_before_it_imports_torch(big_folder, tmp_path):
 
 @pytest.mark.parametrize("flags", [["--precision", "fp64"], ["--device", "cuda:9"]])
 def test_a_cold_assign_refused_after_its_build_started_leaves_no_cache(big_folder, tmp_path, monkeypatch, flags):
-    run = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", str(big_folder), "--clusters", "3", "--preset", "cpu-tiny",
-                                      "--steps", "1", "--out", str(run), "--quiet"])
-    assert result.exit_code == 0, result.stderr
+    run = saved_run(tmp_path / "run", big_folder)[0].root
     monkeypatch.setenv("IMGCLUSTER_CACHE", str(tmp_path / "cache"))
     threads = threading.active_count()
     result = CliRunner().invoke(app, ["assign", str(run), *flags])
@@ -732,12 +737,7 @@ def test_sheets_from_the_kept_rows_equal_sheets_from_every_row(big_folder, tmp_p
 
 def test_assign_command_streams_every_file_and_draws_sheets(big_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("IMGCLUSTER_CACHE", str(tmp_path / "cache"))
-    cfg, method = tiny_method()
-    cfg = resolve_config((cfg.to_dict(), "test"), ({"data_dir": str(big_folder)}, "test"))
-    run = RunDir(tmp_path / "run")
-    run.make()
-    save_config(run, cfg)
-    save_model(run, method, cfg, 0)
+    run, cfg, method = saved_run(tmp_path / "run", big_folder)
     reference = assign_as_before(method, load_image_set(big_folder, pipeline.cache_size(cfg),
                                                         cache_dir=tmp_path / "ref"), 256)
     for _ in ("cold", "warm"):

@@ -62,6 +62,11 @@ class BadImage(Exception):
     """One file cannot be used; str(e) is the short reason, e.g. 'truncated file', 'not an image'."""
 
 
+class CacheWriteError(OSError):
+    """Rows of a cache being built could not be written (a full disk), in a worker or in this process:
+    the build is not a decoding failure, and keeps the set in memory as any failed cache write does."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Scanning
 # ---------------------------------------------------------------------------------------------
@@ -275,8 +280,10 @@ def _decode_one(root: Path, rel: str, size: int, max_pixels) -> tuple[np.ndarray
         return None, f"unreadable: {e.strerror or e}"
 
 
-def _decode_chunk(root: Path, rels: list[str], size: int, max_pixels) -> tuple[np.ndarray, list[str]]:
-    """Worker task: decode `rels` into a (len, size, size, 3) block; bad rows stay zero."""
+def _decode_chunk(root: Path, rels: list[str], size: int, max_pixels, out: _RowFile | None = None,
+                  rows: np.ndarray | None = None) -> tuple[np.ndarray | None, list[str]]:
+    """Worker task: decode `rels` into a (len, size, size, 3) block; bad rows stay zero. With `out`, the
+    block is written to rows `rows` of the cache file being built and None is returned in its place."""
     block = np.zeros((len(rels), size, size, 3), np.uint8)
     reasons = []
     for i, rel in enumerate(rels):
@@ -284,23 +291,30 @@ def _decode_chunk(root: Path, rels: list[str], size: int, max_pixels) -> tuple[n
         if row is not None:
             block[i] = row
         reasons.append(reason)
-    return block, reasons
+    if out is None:
+        return block, reasons
+    out.write(rows, block)
+    return None, reasons
 
 
-def _decode_stream(root, rels, size, max_pixels, workers) -> Iterator[tuple[np.ndarray, list[str]]]:
+def _decode_stream(root, rels, size, max_pixels, workers, out: _RowFile | None = None,
+                   rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray | None, list[str]]]:
     """Decode `rels` in order, yielding (block, reasons) pieces: chunks from worker processes when there
-    are enough files, else one file at a time in this process, which also finishes if the pool breaks."""
+    are enough files, else one file at a time in this process, which also finishes if the pool breaks.
+    With `out`, each piece is written to its rows `rows` of the cache file first, by whoever decoded
+    it, and its block is None."""
     n, done = len(rels), 0
     if workers > 1 and n >= SEQUENTIAL_BELOW:
         chunk = max(16, min(CHUNK, -(-n // (workers * 4))))
-        for block, reasons in _decode_parallel(root, rels, size, max_pixels, workers, chunk):
+        for block, reasons in _decode_parallel(root, rels, size, max_pixels, workers, chunk, out, rows):
             done += len(reasons)
             yield block, reasons
     for s in range(done, n):
-        yield _decode_chunk(root, rels[s:s + 1], size, max_pixels)
+        yield _decode_chunk(root, rels[s:s + 1], size, max_pixels, out, None if rows is None else rows[s:s + 1])
 
 
-def _decode_parallel(root, rels, size, max_pixels, workers, chunk) -> Iterator[tuple[np.ndarray, list[str]]]:
+def _decode_parallel(root, rels, size, max_pixels, workers, chunk, out: _RowFile | None = None,
+                     rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray | None, list[str]]]:
     """Decode chunks of `rels` in worker processes, yielding them in order; ends early, with a logged
     warning, if the pool cannot start or breaks (the caller decodes the rest itself).
 
@@ -324,11 +338,14 @@ def _decode_parallel(root, rels, size, max_pixels, workers, chunk) -> Iterator[t
     pending: deque = deque()
     try:
         for s in range(0, len(rels), chunk):
-            pending.append(pool.submit(_decode_chunk, root, rels[s:s + chunk], size, max_pixels))
+            piece = None if rows is None else rows[s:s + chunk]
+            pending.append(pool.submit(_decode_chunk, root, rels[s:s + chunk], size, max_pixels, out, piece))
             if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    except CacheWriteError:                     # the disk, not the pool: the build fails over to memory
+        raise
     except (BrokenExecutor, OSError) as e:
         log.warning("parallel decoding failed (%s); finishing in one process", e)
     finally:                                    # also when the reader stops early (error, Ctrl-C)
@@ -357,8 +374,7 @@ class _EarlierCache:
         """
         out = np.empty((len(index), self.size, self.size, 3), np.uint8)
         row_bytes = out[0].nbytes
-        bounds = [0, *(np.flatnonzero(np.diff(index) != 1) + 1).tolist(), len(index)]
-        for a, b in zip(bounds, bounds[1:]):
+        for a, b in _consecutive(index):
             self.npy.seek(self.offset + int(index[a]) * row_bytes)
             if self.npy.readinto(memoryview(out[a:b]).cast("B")) != (b - a) * row_bytes:
                 raise OSError(f"{self.npy.name}: cut short")
@@ -528,6 +544,58 @@ def _reuse_rows(files: list[str], stats: np.ndarray, earlier: _EarlierCache | No
     return np.where(same, source, -1)
 
 
+def _consecutive(index: np.ndarray) -> Iterator[tuple[int, int]]:
+    """Maximal pieces [a, b) of `index` that are consecutive rows (index[a] + 1 == index[a + 1], ...)."""
+    bounds = [0, *(np.flatnonzero(np.diff(index) != 1) + 1).tolist(), len(index)]
+    return zip(bounds, bounds[1:])
+
+
+@dataclass(frozen=True)
+class _RowFile:
+    """Row i of a cache file being built lies at offset + i * row_bytes of `path`.
+
+    The decoding workers write their rows there themselves, with positional writes, so the pixels do
+    not travel back to the building process through a pipe: before, that process received and wrote
+    every row, 1.8 CPU-s of its own for 5,902 photos cached at 152 px, which no number of workers
+    shortened (tests/bench/RESULTS.md). Plain writes, not a memmap: a full disk is an OSError, not a
+    SIGBUS. The file is opened without O_CREAT: a build that was stopped has removed it.
+    """
+    path: str
+    offset: int
+    row_bytes: int
+
+    def write(self, rows: np.ndarray, block: np.ndarray) -> None:
+        """block[j] to row rows[j], one write per run of consecutive rows; CacheWriteError if it fails."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY)
+            try:
+                for a, b in _consecutive(rows):
+                    raw = memoryview(np.ascontiguousarray(block[a:b])).cast("B")
+                    at = self.offset + int(rows[a]) * self.row_bytes
+                    while raw:
+                        n = os.pwrite(fd, raw, at)
+                        raw, at = raw[n:], at + n
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise CacheWriteError(e.errno, e.strerror or str(e)) from None
+
+    def read(self, start: int, count: int, size: int) -> np.ndarray:
+        """Rows [start, start + count) as a (count, size, size, 3) uint8 array of their own."""
+        out = np.empty((count, size, size, 3), np.uint8)
+        view, at = memoryview(out).cast("B"), self.offset + start * self.row_bytes
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            while view:
+                n = os.preadv(fd, [view], at)
+                if n == 0:
+                    raise OSError(f"{self.path}: cut short")
+                view, at = view[n:], at + n
+        finally:
+            os.close(fd)
+        return out
+
+
 def _runs(flags: np.ndarray) -> Iterator[tuple[int, int, bool]]:
     """Maximal runs of equal values in a bool array, as (start, stop, value)."""
     edges = (np.flatnonzero(flags[1:] != flags[:-1]) + 1).tolist()
@@ -536,26 +604,33 @@ def _runs(flags: np.ndarray) -> Iterator[tuple[int, int, bool]]:
         yield start, stop, bool(flags[start])
 
 
-def _cache_rows(root, files, size, max_pixels, workers, source: np.ndarray,
-                earlier: _EarlierCache | None) -> Iterator[tuple[int, np.ndarray, list[str]]]:
+def _cache_rows(root, files, size, max_pixels, workers, source: np.ndarray, earlier: _EarlierCache | None,
+                out: _RowFile | None = None) -> Iterator[tuple[int, np.ndarray | None, list[str]]]:
     """Every row of the set, in order, as (start, block, reasons): rows with source >= 0 are copied from
-    the earlier cache, the others decoded (in worker processes when there are many)."""
+    the earlier cache, the others decoded (in worker processes when there are many).
+
+    With `out`, every row is in the cache file once it is yielded, and a decoded block is None (it was
+    written by its worker and is read back only by whoever needs it)."""
     todo = np.flatnonzero(source < 0)
-    decoded = _decode_stream(root, [files[i] for i in todo], size, max_pixels, workers)
+    decoded = _decode_stream(root, [files[i] for i in todo], size, max_pixels, workers, out,
+                             None if out is None else todo)
     left = None                                 # (block, reasons) decoded but not handed out yet
     try:
         for start, stop, reuse in _runs(source >= 0):
             if reuse:
                 for s in range(start, stop, CHUNK):
                     old = source[s:min(s + CHUNK, stop)]
-                    yield s, earlier.rows(old), [earlier.reasons[j] for j in old]
+                    block = earlier.rows(old)
+                    if out is not None:
+                        out.write(np.arange(s, s + len(old)), block)
+                    yield s, block, [earlier.reasons[j] for j in old]
                 continue
             s = start
             while s < stop:                     # decoded pieces may straddle runs: cut them to fit
                 block, reasons = left if left is not None else next(decoded)
                 m = min(stop - s, len(reasons))
-                yield s, block[:m], reasons[:m]
-                left = (block[m:], reasons[m:]) if m < len(reasons) else None
+                yield s, None if block is None else block[:m], reasons[:m]
+                left = (None if block is None else block[m:], reasons[m:]) if m < len(reasons) else None
                 s += m
     finally:
         decoded.close()                         # stops the worker pool if the reader stopped early
@@ -626,21 +701,26 @@ class _BackgroundSync:
             raise self.error
 
 
-def _build_cache(rows, npy: Path, meta: Path, info: dict, deliver: _Delivery):
-    """Stream `rows` into the .npy (temp file, fsync, rename), then the JSON, last: it marks the cache complete."""
-    shape = (len(info["files"]), info["size"], info["size"], 3)
+def _build_cache(make_rows: Callable[[_RowFile], Iterator], npy: Path, meta: Path, info: dict, deliver: _Delivery):
+    """Fill the .npy (temp file, fsync, rename) with the rows of make_rows(out), which writes each row
+    into `out` before it yields it, then write the JSON, last: it marks the cache complete."""
+    n, size = len(info["files"]), info["size"]
+    shape = (n, size, size, 3)
     reasons: list[str] = []
 
     def write_npy(f):
         np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        f.flush()
+        out = _RowFile(f.name, f.tell(), size * size * 3)
+        os.ftruncate(f.fileno(), out.offset + n * out.row_bytes)         # rows land at their places, in any order
         deliver.begin()
         sync = _BackgroundSync(f)
         try:
-            with closing(rows):
+            with closing(make_rows(out)) as rows:
                 for start, block, rs in rows:
-                    raw = np.ascontiguousarray(block).reshape(-1).data    # the bytes in place, not a copy
-                    f.write(raw)
-                    sync.wrote(raw.nbytes)
+                    if block is None and deliver.on_rows is not None:
+                        block = out.read(start, len(rs), size)
+                    sync.wrote(len(rs) * out.row_bytes)
                     reasons.extend(rs)
                     deliver(start, block, rs)
         except BaseException:
@@ -713,10 +793,11 @@ def load_image_set(root, size: int, *, cache_dir: Path | None = None, files: lis
         cache_dir.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(cache_dir, folder)
         earlier = _earlier_cache(cache_dir, folder, name, real_root, size, max_pixels)
-        rows = _cache_rows(root, files, size, max_pixels, workers, _reuse_rows(files, stats, earlier), earlier)
+        source = _reuse_rows(files, stats, earlier)
         info = {"format": CACHE_FORMAT, "files": files, "stats": _pack_stats(stats), "size": size,
                 "max_pixels": max_pixels, "root": str(root), "real_root": real_root}
-        hit = _build_cache(rows, npy, meta, info, deliver)
+        hit = _build_cache(lambda out: _cache_rows(root, files, size, max_pixels, workers, source, earlier, out),
+                           npy, meta, info, deliver)
         _remove_earlier_caches(cache_dir, folder, keep=name)
         _remove_older_formats(cache_dir, real_root, size, max_pixels)
     except OSError as e:

@@ -180,7 +180,8 @@ def test_a_damaged_or_vanishing_earlier_cache_costs_only_time(tmp_path, monkeypa
     real_rows = data._cache_rows                               # deleted by another process mid-build:
     def delete_then_copy(*args, **kwargs):                     # the open file is still read in full
         for path in cache.iterdir():
-            path.unlink()
+            if ".tmp-" not in path.name:                        # the earlier cache, not the one being built
+                path.unlink()
         return real_rows(*args, **kwargs)
 
     monkeypatch.setattr(data, "_cache_rows", delete_then_copy)
@@ -268,26 +269,15 @@ def test_format_2_caches_of_the_folder_and_size_are_removed_when_it_is_cached_ag
 
 def test_failed_cache_write_falls_back_to_memory_and_hands_each_row_over_once(tmp_path, monkeypatch, caplog):
     root = make_folder(tmp_path / "data", 30)
-    real_write = data._atomic_write
+    real_pwrite, written = os.pwrite, []
 
-    def disk_full_after_some_rows(path, write):
-        if path.suffix != ".npy":
-            return real_write(path, write)
+    def disk_full_after_some_rows(fd, b, at):                 # rows are written in this process (workers=1)
+        written.append(len(b))
+        if sum(written) > 2000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, b, at)
 
-        class Full(io.RawIOBase):
-            written = 0
-
-            def write(self, b):
-                self.written += len(b)
-                if self.written > 2000:
-                    raise OSError(errno.ENOSPC, "No space left on device")
-                return len(b)
-
-        def failing(f):
-            write(Full())
-        return real_write(path, failing)
-
-    monkeypatch.setattr(data, "_atomic_write", disk_full_after_some_rows)
+    monkeypatch.setattr(os, "pwrite", disk_full_after_some_rows)
     rows = []
     s = load_image_set(root, 8, cache_dir=tmp_path / "cache", workers=1,
                        on_rows=lambda start, block, reasons: rows.append((start, block.copy(), list(reasons))))
@@ -295,8 +285,49 @@ def test_failed_cache_write_falls_back_to_memory_and_hands_each_row_over_once(tm
     assert [r[0] for r in rows] == list(range(len(s.files)))         # one row a block here, each once
     assert np.array_equal(np.concatenate([r[1] for r in rows]), s.images)
     assert [x for r in rows for x in r[2]] == s.reasons
-    monkeypatch.setattr(data, "_atomic_write", real_write)
+    assert cache_files(tmp_path / "cache") == []                  # no cache left that a later run would trust
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
     same_set(s, load_image_set(root, 8, cache_dir=tmp_path / "fresh", workers=1))
+
+
+def test_a_worker_that_cannot_write_its_rows_fails_the_write_not_the_pool(tmp_path, caplog):
+    """Workers write their rows into the cache file themselves: a write that fails there is a failed
+    cache write (the set is then kept in memory), not a broken pool to finish decoding without."""
+    root = tmp_path / "data"
+    for i in range(520):                                       # enough files for the worker pool
+        write_image(root / f"{i:04d}.png", i)
+    files = data.scan_folder(root)
+    gone = data._RowFile(str(tmp_path / "removed.npy.tmp-1"), 128, 4 * 4 * 3)   # a stopped build removed it
+    with pytest.raises(data.CacheWriteError) as e:
+        list(data._decode_stream(root, files, 4, data.DEFAULT_MAX_PIXELS, 2, gone, np.arange(len(files))))
+    assert e.value.errno == errno.ENOENT
+    assert "decoding failed" not in caplog.text and not (tmp_path / "removed.npy.tmp-1").exists()
+
+
+def test_workers_write_their_rows_in_place_and_hand_back_no_pixels(tmp_path, monkeypatch):
+    """A parallel build with a reused run in the middle: the decoded rows reach the file from the
+    workers (their blocks come back empty), the reused ones from this process, and the cache equals
+    one built in memory."""
+    root = tmp_path / "data"
+    for i in range(800):
+        write_image(root / f"{i:04d}.png", i)
+    cache = tmp_path / "cache"
+    files = data.scan_folder(root)
+    load_image_set(root, 4, cache_dir=cache, files=files[300:500], workers=2)   # the run reused below
+    handed = []
+    real_stream = data._decode_stream
+
+    def recording(*args, **kwargs):
+        for block, reasons in real_stream(*args, **kwargs):
+            handed.append((block, reasons))
+            yield block, reasons
+
+    monkeypatch.setattr(data, "_decode_stream", recording)
+    built = load_image_set(root, 4, cache_dir=cache, workers=2)
+    assert sum(len(r) for _, r in handed) == 600 and all(block is None for block, _ in handed)
+    assert isinstance(built.images, np.memmap)
+    block, reasons = data._decode_chunk(root, files, 4, data.DEFAULT_MAX_PIXELS)   # decoded here, in memory
+    assert np.array_equal(built.images, block) and built.reasons == reasons
 
 
 def test_a_build_synced_in_the_background_is_the_same_complete_cache(tmp_path, monkeypatch):

@@ -18,6 +18,9 @@ Run by hand, not by pytest:
 
 --images DIR builds the caches of DIR's files instead (e.g. the 10,000 small files large_folder.py
 generates), for a change to the cache build itself rather than to decoding.
+--read-back hands every row to a reader during the build (an `on_rows` that does nothing), as a cold
+`assign` does. The building process's CPU seconds (its own and its threads', not the workers') are
+reported beside the rates: the work that more decoding workers cannot share.
 
 Nothing is downloaded; the caches are deleted at the end (the generated folder is kept).
 """
@@ -45,15 +48,18 @@ HERE = Path(__file__).resolve().parents[2]
 CAMERA_SIZES = [(4032, 3024), (3000, 2000), (1920, 1080), (1280, 960), (800, 600)]
 
 BUILD = """
-import json, sys, time
+import json, resource, sys, time
 from pathlib import Path
 import imgcluster
 from imgcluster.data import load_image_set
-root, side, cache = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
-start = time.perf_counter()
-s = load_image_set(root, side, cache_dir=cache, workers=2)
-took = time.perf_counter() - start
-print(json.dumps({"seconds": took, "files": len(s.files), "ok": int(s.ok.sum()),
+root, side, cache, read_back = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] == "1"
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)      # this process and its threads, not the workers
+    return r.ru_utime + r.ru_stime
+start, start_cpu = time.perf_counter(), cpu()
+s = load_image_set(root, side, cache_dir=cache, workers=2, on_rows=(lambda *row: None) if read_back else None)
+took, took_cpu = time.perf_counter() - start, cpu() - start_cpu
+print(json.dumps({"seconds": took, "cpu": took_cpu, "files": len(s.files), "ok": int(s.ok.sum()),
                   "npy": str(next(cache.glob('*.npy'))), "code": imgcluster.__file__}))
 """
 
@@ -85,10 +91,11 @@ def make_folder(dest: Path, n: int, seed: int = 0) -> Path:
     return dest
 
 
-def build(tree: Path, folder: Path, side: int, cache: Path) -> dict:
+def build(tree: Path, folder: Path, side: int, cache: Path, read_back: bool) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     # cwd: `python -c` puts the working directory first on sys.path, ahead of PYTHONPATH
-    out = subprocess.run([sys.executable, "-c", BUILD, str(folder), str(side), str(cache)], env=env,
+    out = subprocess.run([sys.executable, "-c", BUILD, str(folder), str(side), str(cache), str(int(read_back))],
+                         env=env,
                          cwd=cache.parent, capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert Path(result["code"]).is_relative_to(tree), f"imported {result['code']}, not the code in {tree}"
@@ -103,6 +110,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--folder", type=Path, default=Path("/tmp/imgcluster-bench/photos"))
     parser.add_argument("--images", type=Path, help="build the caches of this folder's files instead of photos")
+    parser.add_argument("--read-back", action="store_true",
+                        help="hand every row to a reader during the build, as a cold `assign` does")
     args = parser.parse_args()
 
     if args.images:
@@ -118,15 +127,16 @@ def main() -> None:
                 pixels += math.prod(img.size)
         print(f"{files} JPEGs, {pixels / 1e6 / files:.1f} megapixels each on average, in {folder}; "
               f"load average {os.getloadavg()[0]:.2f}")
-    print("| side | before: files / s | after: files / s | speed-up | pixels: mean / largest difference |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| side | before: files / s | after: files / s | speed-up | building process's CPU-s: before / after "
+          "| pixels: mean / largest difference |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for side in args.sides:
         best = {"before": None, "after": None}
         with tempfile.TemporaryDirectory() as scratch:
             for r in range(args.repeat):
                 for name, tree in (("before", args.before.resolve()), ("after", HERE)):
                     cache = Path(scratch) / f"{name}-{r}"
-                    result = build(tree, folder, side, cache)
+                    result = build(tree, folder, side, cache, args.read_back)
                     assert result["files"] == files and (args.images or result["ok"] == files), result
                     if best[name] is None or result["seconds"] < best[name]["seconds"]:
                         best[name] = result
@@ -135,7 +145,7 @@ def main() -> None:
             diff = np.abs(a - b)
             rate = {k: files / v["seconds"] for k, v in best.items()}
             print(f"| {side} | {rate['before']:.0f} | {rate['after']:.0f} | {rate['after'] / rate['before']:.2f}x "
-                  f"| {diff.mean():.2f} / {diff.max()} |")
+                  f"| {best['before']['cpu']:.2f} / {best['after']['cpu']:.2f} | {diff.mean():.2f} / {diff.max()} |")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

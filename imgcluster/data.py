@@ -583,16 +583,10 @@ class _RowFile:
     def read(self, start: int, count: int, size: int) -> np.ndarray:
         """Rows [start, start + count) as a (count, size, size, 3) uint8 array of their own."""
         out = np.empty((count, size, size, 3), np.uint8)
-        view, at = memoryview(out).cast("B"), self.offset + start * self.row_bytes
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            while view:
-                n = os.preadv(fd, [view], at)
-                if n == 0:
-                    raise OSError(f"{self.path}: cut short")
-                view, at = view[n:], at + n
-        finally:
-            os.close(fd)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset + start * self.row_bytes)
+            if f.readinto(memoryview(out).cast("B")) != out.nbytes:
+                raise OSError(f"{self.path}: cut short")
         return out
 
 
@@ -759,7 +753,9 @@ def load_image_set(root, size: int, *, cache_dir: Path | None = None, files: lis
     path, size and mtime; same folder, size and pixel limit) and decodes only new or changed files; once
     it is complete the earlier caches of the folder are deleted, and those of earlier formats too.
     `on_rows(start, block, reasons)` sees every row of a build once, in order, as it is produced, so a
-    caller can use rows before the build ends; it is not called when the cache is reused. The decoding
+    caller can use rows before the build ends; each block is the caller's to keep (no buffer the build
+    reuses: rows the workers wrote are read back into an array of their own). It is not called when
+    the cache is reused. The decoding
     workers keep the normal priority: lowered (nice 10) they gained nothing on an idle 2-core machine
     and made `assign` 4-6x slower on a busy one, where every other process came first
     (tests/bench/RESULTS.md).
@@ -832,9 +828,8 @@ class BackgroundBuild:
         self.done = self._rows.done
 
     def _build(self, put) -> None:
-        # each block its own copy: the build may reuse or unmap its buffer
         self._set = load_image_set(self.root, self.size, files=self.files, max_pixels=self.max_pixels,
-                                   on_rows=lambda start, block, reasons: put((start, np.array(block), list(reasons))))
+                                   on_rows=lambda start, block, reasons: put((start, block, list(reasons))))
 
     def rows(self) -> Iterator[tuple[int, np.ndarray, list[str]]]:
         return iter(self._rows)

@@ -556,7 +556,7 @@ class _RowFile:
 
     The decoding workers write their rows there themselves, with positional writes, so the pixels do
     not travel back to the building process through a pipe: before, that process received and wrote
-    every row, 1.8 CPU-s of its own for 5,902 photos cached at 152 px, which no number of workers
+    every row, 1.1-1.8 CPU-s of its own for 5,902 photos cached at 152 px, which no number of workers
     shortened (tests/bench/RESULTS.md). Plain writes, not a memmap: a full disk is an OSError, not a
     SIGBUS. The file is opened without O_CREAT: a build that was stopped has removed it.
     """
@@ -755,15 +755,14 @@ def load_image_set(root, size: int, *, cache_dir: Path | None = None, files: lis
     `on_rows(start, block, reasons)` sees every row of a build once, in order, as it is produced, so a
     caller can use rows before the build ends; each block is the caller's to keep (no buffer the build
     reuses: rows the workers wrote are read back into an array of their own). It is not called when
-    the cache is reused. The decoding
-    workers keep the normal priority: lowered (nice 10) they gained nothing on an idle 2-core machine
-    and made `assign` 4-6x slower on a busy one, where every other process came first
-    (tests/bench/RESULTS.md).
+    the cache is reused. The decoding workers keep the normal priority: lowered (nice 10) they gained
+    nothing on an idle 2-core machine and made `assign` 4-6x slower on a busy one, where every other
+    process came first (tests/bench/RESULTS.md).
 
-    The .npy is streamed to a temporary file with ordinary writes (a full disk is an OSError, not a
-    SIGBUS from a sparse memmap), sent to disk in the background as it grows, fsynced and renamed; the
-    JSON is renamed last, so a crash never leaves a cache that a later run trusts. If the cache cannot
-    be written, the set is kept in memory.
+    The .npy is written to a temporary file with ordinary positional writes, by the decoding workers for
+    the rows they decode (a full disk is an OSError, not a SIGBUS from a sparse memmap), sent to disk in
+    the background as it grows, fsynced and renamed; the JSON is renamed last, so a crash never leaves a
+    cache that a later run trusts. If the cache cannot be written, the set is kept in memory.
     """
     root = Path(root)
     _check_root(root)

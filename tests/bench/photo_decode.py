@@ -95,8 +95,7 @@ def build(tree: Path, folder: Path, side: int, cache: Path, read_back: bool) -> 
     env = {**os.environ, "PYTHONPATH": str(tree)}
     # cwd: `python -c` puts the working directory first on sys.path, ahead of PYTHONPATH
     out = subprocess.run([sys.executable, "-c", BUILD, str(folder), str(side), str(cache), str(int(read_back))],
-                         env=env,
-                         cwd=cache.parent, capture_output=True, text=True, check=True)
+                         env=env, cwd=cache.parent, capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert Path(result["code"]).is_relative_to(tree), f"imported {result['code']}, not the code in {tree}"
     return result

@@ -586,6 +586,25 @@ def test_split_check_changes_nothing_without_an_empty_cluster():
         assert all(torch.equal(v, net.state_dict()[k]) for k, v in before[name].items()), name
 
 
+@pytest.mark.parametrize("clusters, labelled", [(10, 2048), (64, 2048), (100, 3200)])
+def test_split_check_labels_more_images_when_there_are_many_clusters(clusters, labelled, monkeypatch):
+    """2,048 images would leave clusters of a fair share empty by chance when K is large (about 2 of
+    400 at every check): the check labels 32 per cluster above K = 64, every cluster gets some here, and
+    nothing is split."""
+    cfg = tiny_config(clusters=clusters, batch_size=8, split_empty=True, split_every=1, split_start=1)
+    method = METHODS["slcgan"](cfg, CPU)
+    seen = []
+
+    def sample_features(data, idx):
+        seen.append(idx)
+        return torch.zeros(len(idx), 4), torch.arange(len(idx)) % clusters    # every cluster labelled
+
+    monkeypatch.setattr(method, "_sample_features", sample_features)
+    assert method.after_step(1, ImageRows(torch.zeros(5000, 1, 1, 1, dtype=torch.uint8))) is None
+    (idx,) = seen
+    assert len(idx) == labelled and len(set(idx.tolist())) == labelled and int(idx.max()) < 5000
+
+
 # ---------------------------------------------------------------------------------------------
 # The CLI end to end: train -> evaluate, on real MNIST images
 # ---------------------------------------------------------------------------------------------

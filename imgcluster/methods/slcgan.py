@@ -56,18 +56,20 @@ class SlcGANSettings:
     w_balance: float = 0.0
     # Not in the paper: empty clusters take over half of the largest one (DeepCluster's remedy for empty
     # clusters, Caron et al. 2018, with the split made along the cluster's own two groups). Every
-    # split_every steps from step split_start on, C labels a random sample of the folder (up to
-    # SPLIT_SAMPLE images, BatchNorm in batch mode as in training); each cluster given none of them takes
-    # the larger half of the largest cluster left, split by 2-means of C's features: C's output rows
-    # of the two become the donor's row plus and minus the direction between the halves, and the
-    # generator's and the discriminator's embeddings of the empty cluster (and their Adam moments)
-    # copies of the donor's. On MNIST, half the runs of the CPU recipe left 1-4 of 10 clusters empty
-    # from step 500-2,000 to the end. There it rescued the runs stuck with two digits in one cluster
-    # (ACC +0.04 to +0.36 on three of six seeds), but cost runs whose clusters would have come back
-    # alone or were purer with fewer (-0.04 and -0.08 on two); it raised the mean on Fashion-MNIST
-    # (three seeds, one lower) and CIFAR-10 (one seed) too (tests/bench/RESULTS.md). Off in every preset
-    # until MNIST with the CPU preset and more CIFAR-10 seeds are measured. A run may be resumed with it
-    # switched on.
+    # split_every steps from step split_start on, C labels a random sample of the folder (split_sample(K)
+    # images: 2,048, or 32 per cluster above K = 64; BatchNorm in batch mode as in training); each
+    # cluster given none of them takes the larger half of the largest cluster left, split by 2-means of
+    # C's features: C's output rows of the two become the donor's row plus and minus the direction
+    # between the halves, and the generator's and the discriminator's embeddings of the empty cluster
+    # (and their Adam moments) copies of the donor's. On MNIST, half the runs of the CPU recipe left 1-4
+    # of 10 clusters empty from step 500-2,000 to the end; the split rescued the runs stuck with two
+    # digits in one cluster (ACC +0.04 to +0.36 on three of six seeds), but cost runs whose clusters
+    # would have come back alone or were purer with fewer (-0.04 and -0.08 on two). With slcgan-32-cpu
+    # itself (three seeds each on MNIST and CIFAR-10, three and four on Fashion-MNIST) it raised the
+    # mean ACC and NMI on all three sets, by less than the seeds' spread, and every run used all K
+    # clusters (without it, 5 of 9 left one empty): on in slcgan-32-cpu since 2026-12-07, off elsewhere
+    # (the GPU presets were not measured with it). Off by default; a run may be resumed with it switched
+    # on or off (tests/bench/RESULTS.md).
     split_empty: bool = False
     split_every: int = 250
     split_start: int = 1000
@@ -320,7 +322,7 @@ class SlcGAN:
         # A sample in random order, as training batches are (BatchNorm normalises each chunk: chunks of
         # one class, as a folder sorted by class would give, would hide what tells classes apart),
         # drawn from its own generator.
-        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(step))[:SPLIT_SAMPLE]
+        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(step))[:split_sample(self.cfg.clusters)]
         features, labels = self._sample_features(data, idx)             # (N, F), (N,)
         counts = torch.bincount(labels, minlength=self.cfg.clusters)
         empty = (counts == 0).nonzero().flatten().tolist()
@@ -464,10 +466,19 @@ class SlcGAN:
         return images
 
 
-# How many images of the folder `after_step` labels, and the logit margin of a split (about 7:1 odds
-# between the two halves at their means).
+# How many images of the folder `after_step` labels (at least SPLIT_SAMPLE, and SPLIT_PER_CLUSTER per
+# cluster: with K = 400, 2,048 images would find about 2 of 400 equal clusters empty at every check, and
+# a cluster of a quarter of that share empty at one check in four, and split them), and the logit margin
+# of a split (about 7:1 odds between the two halves at their means).
 SPLIT_SAMPLE = 2048
+SPLIT_PER_CLUSTER = 32
 SPLIT_MARGIN = 2.0
+
+
+def split_sample(clusters: int) -> int:
+    """The number of images an empty-cluster check labels: 2,048 up to K = 64, 32 per cluster above
+    (a cluster of 1/(4K) of the images is then missed with odds of about e^-8)."""
+    return max(SPLIT_SAMPLE, SPLIT_PER_CLUSTER * clusters)
 
 
 def two_means(features: torch.Tensor, iterations: int = 20):

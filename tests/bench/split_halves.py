@@ -1,0 +1,113 @@
+"""Do slcGAN's empty-cluster splits (`slcgan.split_empty`) cut a mixed cluster along its classes?
+
+Run by hand, not by pytest, on a run directory of a labelled folder (one sub-folder per class, as
+quality.py unpacks the shared sets) and one of its checkpoints:
+
+    python tests/bench/split_halves.py RUN_DIR FOLDER [--state RUN_DIR/checkpoint/state.safetensors]
+
+C labels a random sample of the folder the way the check does (BatchNorm in batch mode; the cached
+images, centre view). For every cluster it prints its two most common classes and how much each way of
+halving it tells about the class of an image: the mutual information between the half and the class, in
+bits (0: the halves hold the classes as mixed as the cluster; 1 at most, for two classes one per half):
+- features: 2-means of C's last-layer features (`slcgan.split_by: features`);
+- pixels: 2-means of the pixels (`slcgan.split_by: pixels`);
+- discriminant: C's last layer as `split_by: pixels` sets it, a linear discriminant of C's features fitted
+  to the pixels' halves, fitted on every other image of the cluster and scored on the rest.
+The last line is the mean over the clusters whose most common class holds less than 90 % of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import mutual_info_score
+
+from imgcluster.checkpoint import CHECKPOINT_FORMAT, read_state
+from imgcluster.data import load_image_set, scan_folder
+from imgcluster.methods import METHODS
+from imgcluster.methods.common import load_weights
+from imgcluster.methods.slcgan import discriminant, two_groups
+from imgcluster.rundir import RunDir, load_config
+
+
+class Rows:
+    """The cached images as the training loop hands them to the check (training.Batches)."""
+
+    def __init__(self, images: np.ndarray):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def get(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.images[idx.numpy()])
+
+
+def bits(side: np.ndarray, classes: np.ndarray) -> float:
+    """Mutual information between the half an image is in and its class, in bits."""
+    return mutual_info_score(classes, side) / np.log(2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--state", type=Path, help="a training checkpoint [default: the run's own]")
+    parser.add_argument("--sample", type=int, default=4096)
+    parser.add_argument("--seed", type=int, default=0, help="of the sample drawn")
+    args = parser.parse_args()
+    run = RunDir(args.run)
+    cfg = load_config(run)
+    method = METHODS["slcgan"](cfg, torch.device("cpu"), training=False)
+    state, _ = read_state(args.state or run.checkpoint, CHECKPOINT_FORMAT)
+    for name, net in method.networks().items():
+        load_weights(net, state["networks"][name], torch.device("cpu"))
+    files = scan_folder(args.folder)
+    images = load_image_set(args.folder, method.cache_size(cfg), files=files)
+    classes = np.array([Path(f).parent.name for f in files])
+    idx = torch.randperm(len(files), generator=torch.Generator().manual_seed(args.seed))[:args.sample]
+    features, labels = method._sample_features(Rows(images.images), idx)
+    y = classes[idx.numpy()]
+    print(f"{args.run.name}, step {state['step']}: {len(idx)} images")
+    print("| cluster | images | two most common classes | bits: features | pixels | discriminant |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    mixed = []
+    for k in range(cfg.clusters):
+        mask = labels == k
+        names, counts = np.unique(y[mask.numpy()], return_counts=True)
+        if mask.sum() < 8 or len(names) < 2:
+            print(f"| {k} | {int(mask.sum())} | - | - | - | - |")
+            continue
+        order = counts.argsort()[::-1]
+        c1, c2 = names[order[0]], names[order[1]]
+        yk = y[mask.numpy()]
+        row = []
+        f_side = two_groups(features[mask])
+        row.append(bits(f_side.numpy(), yk) if f_side is not None else float("nan"))
+        pixels = method.eval_view(Rows(images.images).get(idx[mask])).float().flatten(1)
+        p_side = two_groups(pixels)
+        row.append(bits(p_side.numpy(), yk) if p_side is not None else float("nan"))
+        fit = torch.arange(int(mask.sum())) % 2 == 0
+        if p_side is not None and min(int(p_side[fit].sum()), int((~p_side[fit]).sum())) >= 2:
+            f = features[mask]
+            direction = discriminant(f[fit], p_side[fit])
+            m1, m2 = f[fit][p_side[fit]].mean(0), f[fit][~p_side[fit]].mean(0)
+            d_side = ((f[~fit] - (m1 + m2) / 2) @ direction > 0).numpy()
+            row.append(bits(d_side, yk[~fit.numpy()]))
+        else:
+            row.append(float("nan"))
+        share1, share2 = counts[order[0]] / mask.sum().item(), counts[order[1]] / mask.sum().item()
+        if share1 < 0.9:
+            mixed.append(row)
+        print(f"| {k} | {int(mask.sum())} | {c1} {share1:.2f}, {c2} {share2:.2f} | "
+              + " | ".join(f"{v:.2f}" for v in row) + " |")
+    if mixed:
+        means = np.nanmean(np.array(mixed), axis=0)
+        print(f"| mean of {len(mixed)} mixed | | | " + " | ".join(f"{v:.2f}" for v in means) + " |")
+
+
+if __name__ == "__main__":
+    main()

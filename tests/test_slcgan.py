@@ -17,7 +17,7 @@ from imgcluster.config import ConfigError, load_preset, resolve_config
 from imgcluster.losses import (hinge_d_split, hinge_g_split, marginal_entropy_gap, mode_seeking_ratio,
                                multiview_consistency)
 from imgcluster.methods import METHODS
-from imgcluster.methods.slcgan import _raw, discriminant, two_means
+from imgcluster.methods.slcgan import _raw, two_means
 from imgcluster.models.slcgan import Discriminator, Generator, SlcGANConfig, build_clusterer
 from imgcluster.rundir import RunDir, load_model, save_config, save_model
 from imgcluster.training import batch_indices, load_checkpoint, sample_grid, save_checkpoint, step_indices
@@ -498,8 +498,6 @@ def test_bad_settings_name_the_key():
         tiny_config(d_steps=0)
     with pytest.raises(ConfigError, match="slcgan.crop_scale"):
         tiny_config(crop_scale=[0.5, 0.2])
-    with pytest.raises(ConfigError, match="slcgan.split_by: must be features or pixels, got 'pixel'"):
-        tiny_config(split_by="pixel")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,27 +511,6 @@ def test_two_means_returns_the_larger_group_first():
     m1, m2 = two_means(points[torch.randperm(50, generator=gen)])
     assert torch.allclose(m1, points[:30].mean(0)) and torch.allclose(m2, points[30:].mean(0))
     assert two_means(points[:1]) is None and two_means(torch.ones(5, 8)) is None
-
-
-def test_discriminant_finds_the_direction_the_means_miss():
-    """Two groups 1 apart along x, with x noise of 0.1 but 10 along y and y-means 3 apart: the line
-    between the means points mostly along y and tells the groups apart no better than a coin would;
-    the discriminant points along x and sorts them."""
-    gen = torch.Generator().manual_seed(0)
-    n = 400
-    side = torch.arange(n) % 2 == 0
-    x = torch.where(side, 1.0, 0.0) + 0.1 * torch.randn(n, generator=gen)
-    y = torch.where(side, 3.0, 0.0) + 10 * torch.randn(n, generator=gen)
-    points = torch.stack([x, y], dim=1)
-    m1, m2 = points[side].mean(0), points[~side].mean(0)
-
-    def sorted_right(direction):
-        return (((points - (m1 + m2) / 2) @ direction > 0) == side).float().mean().item()
-
-    assert sorted_right(m1 - m2) < 0.75
-    direction = discriminant(points, side)
-    assert direction.dtype == points.dtype and direction.dot(m1 - m2) > 0
-    assert sorted_right(direction) > 0.99
 
 
 class ImageRows:
@@ -561,10 +538,8 @@ def two_kinds_of_images(cfg) -> torch.Tensor:
     return torch.where(LIGHT[:, None, None, None], light, dark).to(torch.uint8)
 
 
-@pytest.mark.parametrize("split_by", ["features", "pixels"])
-def test_an_empty_cluster_takes_half_of_the_largest(split_by):
-    cfg = tiny_config(clusters=4, batch_size=8, c_spectral_norm=True, split_empty=True, split_every=5, split_start=5,
-                      split_by=split_by)
+def test_an_empty_cluster_takes_half_of_the_largest():
+    cfg = tiny_config(clusters=4, batch_size=8, c_spectral_norm=True, split_empty=True, split_every=5, split_start=5)
     torch.manual_seed(0)
     method = METHODS["slcgan"](cfg, CPU)
     method.train_step(real_data(cfg, batches=per_step(method)))           # Adam has moments to copy

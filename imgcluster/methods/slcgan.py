@@ -71,14 +71,6 @@ class SlcGANSettings:
     # (the GPU presets were not measured with it). Off by default; a run may be resumed with it switched
     # on or off (tests/bench/RESULTS.md).
     split_empty: bool = False
-    # What a split divides the largest cluster along: "features", 2-means of C's last-layer features (every
-    # measured run of split_empty until 2026-12-07, third session), or "pixels", 2-means of the images'
-    # pixels (the centre view C labels), carried into C's last layer by a linear discriminant of C's
-    # features (shrinkage LDA). In the mixed clusters of two MNIST runs at step 1,000, which half of the
-    # features' 2-means an image fell in told 0.07-0.14 bits about its digit on average, of the pixels'
-    # 0.42-0.50 bits, and C's last layer set by the discriminant 0.35-0.44 bits on images it was not
-    # fitted to (tests/bench/split_halves.py; tests/bench/RESULTS.md).
-    split_by: str = "features"
     split_every: int = 250
     split_start: int = 1000
     aug_detach_target: bool = False  # eq. 5 with q = softmax(C(T(x))) as a fixed target (see c_step)
@@ -122,8 +114,6 @@ class SlcGANSettings:
         for key in ("ema_start", "split_start"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"slcgan.{key}: must be at least 0, got {getattr(self, key)}")
-        if self.split_by not in ("features", "pixels"):
-            raise ConfigError(f"slcgan.split_by: must be features or pixels, got {self.split_by!r}")
         if self.load_ratio < 1:
             raise ConfigError(f"slcgan.load_ratio: must be at least 1, got {self.load_ratio}")
 
@@ -338,28 +328,13 @@ class SlcGAN:
         empty = (counts == 0).nonzero().flatten().tolist()
         moves = []
         for dead, donor in zip(empty, counts.argsort(descending=True).tolist()):
-            halves = self._halves(data, idx[(labels == donor).cpu()], features[labels == donor])
+            halves = two_means(features[labels == donor])
             if halves is None or not self._split(dead, donor, *halves):
                 break
             moves.append(f"empty cluster {dead} took half of cluster {donor}")
         if distributed.agree(int(bool(moves))):                           # rank 0's result everywhere
             distributed.broadcast_(list(self._split_tensors()))
         return "; ".join(moves) or None
-
-    def _halves(self, data, idx: torch.Tensor, features: torch.Tensor):
-        """(m1, m2, direction) for _split of the cluster whose images are `idx` with C's `features`: the
-        features' means of its two groups, the larger's first, and the direction in C's feature space
-        that tells them apart (None: the line between the means). The groups are 2-means of the
-        features, or of the pixels (slcgan.split_by) with the direction a linear discriminant. None
-        when the cluster cannot be split."""
-        if self.s.split_by == "features":
-            halves = two_means(features)
-            return None if halves is None else (*halves, None)
-        pixels = self.eval_view(data.get(idx)).float().flatten(1)
-        side = two_groups(pixels)
-        if side is None or min(int(side.sum()), int((~side).sum())) < 2:
-            return None
-        return features[side].mean(dim=0), features[~side].mean(dim=0), discriminant(features, side)
 
     @torch.no_grad()
     def _sample_features(self, data, idx: torch.Tensor):
@@ -386,12 +361,10 @@ class SlcGAN:
         return torch.cat(captured), torch.cat(labels)
 
     @torch.no_grad()
-    def _split(self, dead: int, donor: int, m1: torch.Tensor, m2: torch.Tensor,
-               direction: torch.Tensor | None = None) -> bool:
+    def _split(self, dead: int, donor: int, m1: torch.Tensor, m2: torch.Tensor) -> bool:
         """C's rows of `dead` and `donor` become w +- dw, b +- db (w, b: the donor's), so that
         logit_dead - logit_donor = 2 (dw . f + db) is SPLIT_MARGIN at the feature mean m1 of one half,
-        -SPLIT_MARGIN at m2 of the other, and 0 half-way; dw points along `direction` (default: m1 -
-        m2) and is at most as long as w. G's and D's
+        -SPLIT_MARGIN at m2 of the other, and 0 half-way; dw is at most as long as w. G's and D's
         embeddings of `dead`, and the Adam moments of every row changed, become copies of the donor's.
 
         With spectral norm on C's last layer its weight is divided by its largest singular value
@@ -406,16 +379,9 @@ class SlcGAN:
         w_eff = fc.weight.float()                                          # after spectral norm, if any
         fc.train()
         w, b = w_eff[donor].clone(), fc.bias[donor].float().clone()
-        if direction is None:
-            alpha = 2 * SPLIT_MARGIN / (m1 - m2).pow(2).sum()
-            dw = alpha / 2 * (m1 - m2)
-            db = -alpha / 4 * (m1.pow(2).sum() - m2.pow(2).sum())
-        else:
-            reach = direction.dot(m1 - m2)
-            if not reach > 0:
-                return False
-            dw = SPLIT_MARGIN / reach * direction
-            db = -dw.dot(m1 + m2) / 2
+        alpha = 2 * SPLIT_MARGIN / (m1 - m2).pow(2).sum()
+        dw = alpha / 2 * (m1 - m2)
+        db = -alpha / 4 * (m1.pow(2).sum() - m2.pow(2).sum())
         shrink = min(1.0, (w.norm() / dw.norm()).item())
         w_new, b_new = w_eff.clone(), fc.bias.float().clone()
         w_new[dead], w_new[donor] = w + dw * shrink, w - dw * shrink
@@ -517,17 +483,8 @@ def split_sample(clusters: int) -> int:
 
 def two_means(features: torch.Tensor, iterations: int = 20):
     """The means (m1, m2) of the two groups 2-means finds in `features` (n, F), the larger group's
-    first. None when n < 2 or the groups cannot be told apart."""
-    side = two_groups(features, iterations)
-    if side is None:
-        return None
-    m1, m2 = features[side].mean(dim=0), features[~side].mean(dim=0)
-    return None if torch.equal(m1, m2) else (m1, m2)
-
-
-def two_groups(features: torch.Tensor, iterations: int = 20) -> torch.Tensor | None:
-    """The two groups 2-means finds in `features` (n, F), as a mask (n,) of the larger; started from
-    the sign of the first principal component. None when n < 2 or the groups cannot be told apart."""
+    first; started from the sign of the first principal component. None when n < 2 or the groups
+    cannot be told apart."""
     if features.shape[0] < 2:
         return None
     centred = features - features.mean(dim=0)
@@ -543,18 +500,10 @@ def two_groups(features: torch.Tensor, iterations: int = 20) -> torch.Tensor | N
         side = new_side
     if side.all() or not side.any():
         return None
-    return side if side.sum() * 2 >= len(side) else ~side
-
-
-def discriminant(features: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
-    """The direction (F,) in feature space that best tells the rows of `features` (n, F) in `side` from
-    the others, pointing to `side`: scikit-learn's linear discriminant with Ledoit-Wolf shrinkage of
-    the shared covariance (stable with fewer images than features)."""
-    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
-
-    lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto")
-    lda.fit(features.double().cpu().numpy(), side.cpu().numpy())
-    return torch.from_numpy(lda.coef_[0]).to(features.device, features.dtype)   # classes_: [False, True]
+    m1, m2 = features[side].mean(dim=0), features[~side].mean(dim=0)
+    if torch.equal(m1, m2):
+        return None
+    return (m1, m2) if side.sum() * 2 >= len(side) else (m2, m1)
 
 
 def _raw(module: torch.nn.Module, name: str) -> torch.Tensor:

@@ -36,18 +36,7 @@ from imgcluster.methods.common import load_weights
 from imgcluster.methods.slcgan import SPLIT_MARGIN, two_means
 from imgcluster.rundir import RunDir, load_config
 
-
-class Rows:
-    """The cached images as the training loop hands them to the check (training.Batches)."""
-
-    def __init__(self, images: np.ndarray):
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def get(self, idx: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.images[idx.numpy()])
+from split_cost import Rows
 
 
 def two_groups(points: torch.Tensor) -> torch.Tensor | None:
@@ -89,7 +78,8 @@ def main() -> None:
     images = load_image_set(args.folder, method.cache_size(cfg), files=files)
     classes = np.array([Path(f).parent.name for f in files])
     idx = torch.randperm(len(files), generator=torch.Generator().manual_seed(args.seed))[:args.sample]
-    features, labels = method._sample_features(Rows(images.images), idx)
+    rows = Rows(torch.from_numpy(np.array(images.images)))             # in memory: the check's data
+    features, labels = method._sample_features(rows, idx)
     y = classes[idx.numpy()]
     print(f"{args.run.name}, step {state['step']}: {len(idx)} images")
     method.C.fc.eval()                                                  # no power iteration on reading
@@ -111,7 +101,7 @@ def main() -> None:
         f = features[mask]
         f_side = two_groups(f)
         row.append(bits(f_side.numpy(), yk) if f_side is not None else float("nan"))
-        pixels = method.eval_view(Rows(images.images).get(idx[mask])).float().flatten(1)
+        pixels = method.eval_view(rows.get(idx[mask])).float().flatten(1)
         p_side = two_groups(pixels)
         row.append(bits(p_side.numpy(), yk) if p_side is not None else float("nan"))
         fit = torch.arange(int(mask.sum())) % 2 == 0

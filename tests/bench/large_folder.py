@@ -29,7 +29,7 @@ peak resident set, and the peak of the summed PSS of it and its decoding workers
 
 With --run RUN --folder FOLDER [--device cuda], only step 3 runs, with that trained run on that folder
 (e.g. a GPU model on a real photo folder): the generated folder, the cache steps and the tiny model are
-skipped.
+skipped. --no-bf16 skips the bf16 rows (on a CPU without bf16 units they are emulated, 4-7x slower).
 
 Nothing is downloaded; the added files and every cache are deleted at the end (the folder is kept).
 """
@@ -343,11 +343,11 @@ def ensure_run(work: Path, subset: Path) -> Path:
 
 
 def assign_against_decode(run: Path, subset: Path, work: Path, repeat: int, device: str, workers: int,
-                          add) -> None:
+                          add, bf16: bool = True) -> None:
     """Step 3: decoding `subset` (one process, the worker pool), building its cache, and `assign` with
-    `run` on it (cold cache with the model during the build, built first, warm; fp32 and bf16)."""
+    `run` on it (cold cache with the model during the build, built first, warm; fp32 and, with `bf16`,
+    bf16)."""
     from imgcluster.pipeline import cache_size
-    from imgcluster.precision import cpu_has_bf16
     from imgcluster.rundir import RunDir, load_config
 
     size = cache_size(load_config(RunDir(run)))
@@ -366,8 +366,6 @@ def assign_against_decode(run: Path, subset: Path, work: Path, repeat: int, devi
     cold = best_of(repeat, "assign", fresh_cache=assign_cache, **common)
     shell = best_of(repeat, "shell_assign", fresh_cache=assign_cache, **common)
     warm = best_of(repeat, "assign", **common)
-    cold_bf16 = best_of(repeat, "assign", fresh_cache=assign_cache, precision="bf16", **common)
-    warm_bf16 = best_of(repeat, "assign", precision="bf16", **common)
 
     def versus_decode(res):
         gpu = f"; GPU peak {res['gpu_peak_mb']:,.0f} MB" if "gpu_peak_mb" in res else ""
@@ -378,14 +376,23 @@ def assign_against_decode(run: Path, subset: Path, work: Path, repeat: int, devi
     add("assign, cold cache, as a shell runs it (imports timed too)", shell["files"], shell, versus_decode(shell))
     add("assign, cold cache, built first (forced)", built_first["files"], built_first, versus_decode(built_first))
     add("assign, warm cache", warm["files"], warm, versus_decode(warm))
+    if bf16:
+        bf16_rows(repeat, common, assign_cache, device, add, versus_decode)
+    shutil.rmtree(assign_cache)
+    out.unlink()
+
+
+def bf16_rows(repeat: int, common: dict, assign_cache: Path, device: str, add, versus_decode) -> None:
+    from imgcluster.precision import cpu_has_bf16
+
+    cold_bf16 = best_of(repeat, "assign", fresh_cache=assign_cache, precision="bf16", **common)
+    warm_bf16 = best_of(repeat, "assign", precision="bf16", **common)
     if device == "cpu":
         units = "; " + ("this CPU has bf16 units" if cpu_has_bf16() else "no bf16 units: emulated")
     else:
         units = ""
     add("assign --precision bf16, cold cache", cold_bf16["files"], cold_bf16, f"{versus_decode(cold_bf16)}{units}")
     add("assign --precision bf16, warm cache", warm_bf16["files"], warm_bf16, versus_decode(warm_bf16))
-    shutil.rmtree(assign_cache)
-    out.unlink()
 
 
 def main() -> None:
@@ -398,6 +405,8 @@ def main() -> None:
     ap.add_argument("--run", type=Path, help="a trained run: only the assign-against-decode steps, on --folder")
     ap.add_argument("--folder", type=Path, help="with --run: the images to decode and assign")
     ap.add_argument("--device", default="cpu", help="where assign runs the model: cpu or cuda")
+    ap.add_argument("--no-bf16", action="store_true",
+                    help="skip the bf16 rows (emulated, minutes long, on a CPU without bf16 units)")
     ap.add_argument("--step", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.step:
@@ -420,7 +429,8 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     if args.run is not None:
-        assign_against_decode(args.run, args.folder, args.work, args.repeat, args.device, workers, add)
+        assign_against_decode(args.run, args.folder, args.work, args.repeat, args.device, workers, add,
+                              bf16=not args.no_bf16)
         what = f"{args.folder} with the run {args.run}, assign on {args.device}"
     else:
         folder = args.work / f"large-folder-{args.files}"
@@ -444,7 +454,8 @@ def main() -> None:
 
         # (c) assign on a subset, against decoding the same files
         subset = folder / "00"                  # the first 10,000 files (all of them when --files is smaller)
-        assign_against_decode(ensure_run(args.work, subset), subset, args.work, args.repeat, "cpu", workers, add)
+        assign_against_decode(ensure_run(args.work, subset), subset, args.work, args.repeat, "cpu", workers, add,
+                              bf16=not args.no_bf16)
         what = (f"{args.files:,} generated files (MNIST / CIFAR-10 derived, 24-64 px PNG + JPEG)")
 
     import torch

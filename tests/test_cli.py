@@ -169,9 +169,10 @@ def test_evaluate_does_not_load_torch(trained):
 
 
 def test_loading_a_model_does_not_import_sympy(trained):
-    """The weights go into networks built on the meta device; allocating those with Module.to_empty
-    imported sympy through torch's meta-tensor code: 0.5-0.9 s of every `assign` of a C3-GAN run (the
-    `trained` run; slcGAN's clustering network imports torchvision, which imports sympy anyway)."""
+    """Torch's meta-tensor code imports sympy on first use: 0.5-0.9 s of every `assign` of a C3-GAN run
+    (the `trained` run) when its networks were built on the meta device and allocated with
+    Module.to_empty. They are now built on the CPU, uninitialised (slcGAN's clustering network imports
+    torchvision, which imports sympy anyway)."""
     code = ("import sys, torch; from pathlib import Path; from imgcluster import rundir\n"
             "before = 'sympy' in sys.modules\n"
             f"cfg, method = rundir.load_model(rundir.RunDir(Path({str(trained)!r})), torch.device('cpu'))\n"

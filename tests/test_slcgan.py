@@ -679,11 +679,28 @@ def test_run_saved_before_c_spectral_norm_existed_loads_without_it(tmp_path):
     assert not any(hasattr(m, "parametrizations") for m in loaded.C.modules())
 
 
+def test_building_for_loading_leaves_tensors_unfilled_and_restores_the_initialisers():
+    """Inside building(training=False) torch.nn.init's initialisers return their tensor untouched, so
+    layers draw no random numbers; afterwards, also after an error inside, they are torch's own again."""
+    from imgcluster.methods.common import INITIALISERS, building
+
+    originals = {name: getattr(torch.nn.init, name) for name in INITIALISERS}
+    with pytest.raises(RuntimeError, match="inside"):
+        with building(training=False):
+            assert torch.equal(torch.nn.init.orthogonal_(torch.zeros(4, 4)), torch.zeros(4, 4))
+            rng = torch.get_rng_state()
+            torch.nn.Conv2d(3, 8, 3)                    # no random initialisation drawn
+            assert torch.equal(torch.get_rng_state(), rng)
+            raise RuntimeError("inside")
+    assert all(getattr(torch.nn.init, name) is fn for name, fn in originals.items())
+    assert torch.nn.init.ones_(torch.zeros(2)).eq(1).all()
+
+
 @pytest.mark.parametrize("method_name", ["c3gan", "slcgan"])
 def test_model_loaded_for_inference_equals_the_saved_one(method_name, tmp_path):
-    """load_model builds the networks on the meta device (no initialisation) and allocates them before
-    loading: every parameter and buffer must come from the file, so none may be left out of the state
-    dict (a non-persistent buffer would stay uninitialised), and the loaded model must be the saved one."""
+    """load_model builds the networks without initialising them (methods.common.building): every
+    parameter and buffer must come from the file, so none may be left out of the state dict (a
+    non-persistent buffer would stay unfilled), and the loaded model must be the saved one."""
     slcgan = {"ema": True, "c_ema": True, "c_spectral_norm": True}   # every optional network and parametrization
     cfg = tiny_config(method_name, clusters=6, **(slcgan if method_name == "slcgan" else {}))
     torch.manual_seed(0)

@@ -65,7 +65,7 @@ class C3GAN:
 
     def __init__(self, cfg, device: torch.device, *, training: bool = True):
         """`training=False` (a model loaded for inference): the weights come from a file, so the networks
-        are allocated but not initialised (built on the meta device), and there are no optimizers and no
+        are allocated but not initialised (methods.common.building), and there are no optimizers and no
         training handles."""
         s: C3GANSettings = cfg.method_settings
         self.cfg, self.s, self.device = cfg, s, device
@@ -73,7 +73,7 @@ class C3GAN:
                                    c_dim=s.c_dim, ngf=s.ngf, ndf=s.ndf, h_dim=s.h_dim, tau=s.tau)
         with building(training):
             G, D = Generator(self.net_cfg), Discriminator(self.net_cfg)
-        self.G, self.D = place(G, device), place(D, device)
+        self.G, self.D = place(G, device, training), place(D, device, training)
         self.amp = resolve_precision(cfg.precision, device)
         self.assign_amp = None         # autocast dtype of `assign` (None: fp32); see rundir.load_model
         if not training:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 
 import torch
 import torch.nn as nn
@@ -13,27 +12,51 @@ from imgcluster.config import cache_side
 from imgcluster.precision import resolve_memory_format
 
 
+# torch.nn.init's in-place initialisers, which `building(training=False)` turns off
+INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")
+
+
+@contextlib.contextmanager
 def building(training: bool):
     """The context networks are created in. For training, as usual (allocated and initialised). For a
-    model whose weights come from a file, on the meta device: nothing is allocated or initialised, which
-    for slcgan-128 saves about 15 s of orthogonal initialisation on a CPU. `load_weights` then gives them
-    their tensors."""
-    return contextlib.nullcontext() if training else torch.device("meta")
+    model whose weights come from a file, allocated on the CPU but not initialised: inside, torch.nn.init's
+    initialisers return their tensor untouched (transformers' `no_init_weights` does the same), and
+    `load_weights` then replaces every tensor. For slcgan-64 and slcgan-128 that saves 25-35 s of
+    orthogonal initialisation on a CPU.
+
+    Not the meta device: spectral norm runs 15 power iterations when a layer is made, and on meta tensors
+    each operation goes through torch's Python meta kernels (1-2 ms each), so building slcGAN's networks
+    there took 2-3 s for its CPU presets against 0.1 s here (tests/bench/RESULTS.md, "Loading a model").
+    """
+    if training:
+        yield
+        return
+    saved = {name: getattr(nn.init, name) for name in INITIALISERS}
+    try:
+        for name in INITIALISERS:
+            setattr(nn.init, name, _untouched)
+        yield
+    finally:
+        for name, initialiser in saved.items():
+            setattr(nn.init, name, initialiser)
 
 
-def place(net: nn.Module, device: torch.device) -> nn.Module:
-    """`net` moved to `device`; one built on the meta device stays there until `load_weights`."""
-    if any(t.is_meta for t in itertools.chain(net.parameters(), net.buffers())):
-        return net
-    return net.to(device)
+def _untouched(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return tensor
+
+
+def place(net: nn.Module, device: torch.device, training: bool) -> nn.Module:
+    """`net` moved to `device` for training; one built for loading stays on the CPU, where `load_weights`
+    gives it the file's tensors and moves it (its own are never filled, so copying them would be waste)."""
+    return net.to(device) if training else net
 
 
 def load_weights(net: nn.Module, state: dict, device: torch.device) -> nn.Module:
     """`net` holding the tensors of `state` (every parameter and buffer), on `device`.
 
-    The tensors are taken as they are (load_state_dict with assign=True) rather than copied into
-    memory allocated first with `to_empty`: on meta tensors that goes through torch's Python reference
-    ops, whose first use imports sympy: 0.5-0.9 s of every `assign` of a C3-GAN run on a CPU.
+    The tensors are taken as they are (load_state_dict with assign=True) rather than copied into the
+    network's own, which `building(training=False)` left unfilled.
     """
     net.load_state_dict(state, assign=True)
     return net.to(device)

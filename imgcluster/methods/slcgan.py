@@ -133,7 +133,7 @@ class SlcGAN:
 
     def __init__(self, cfg, device: torch.device, *, training: bool = True):
         """`training=False` (a model loaded for inference): the weights come from a file, so the networks
-        are allocated but not initialised (built on the meta device), and there are no optimizers and no
+        are allocated but not initialised (methods.common.building), and there are no optimizers and no
         training handles."""
         s: SlcGANSettings = cfg.method_settings
         self.cfg, self.s, self.device = cfg, s, device
@@ -144,7 +144,7 @@ class SlcGAN:
                                     c_spectral_norm=s.c_spectral_norm)
         with building(training):
             G, D, C = Generator(self.net_cfg), Discriminator(self.net_cfg), build_clusterer(self.net_cfg)
-        self.G, self.D, self.C = place(G, device), place(D, device), place(C, device)
+        self.G, self.D, self.C = (place(net, device, training) for net in (G, D, C))
         self.amp = resolve_precision(cfg.precision, device)
         self.assign_amp = None         # autocast dtype of `assign` (None: fp32); see rundir.load_model
         self.G_ema = None

@@ -65,7 +65,7 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.presets:
-        print(f"| preset | build for loading: fastest / median (s) | build for training: fastest / median (s) |")
+        print("| preset | build for loading: fastest / median (s) | build for training: fastest / median (s) |")
         print("| --- | --- | --- |")
     for preset in args.presets:
         t = build_times(preset, args.clusters, args.repeat)

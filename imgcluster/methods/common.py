@@ -22,12 +22,12 @@ def building(training: bool):
     """The context networks are created in. For training, as usual (allocated and initialised). For a
     model whose weights come from a file, allocated on the CPU but not initialised: inside, torch.nn.init's
     initialisers return their tensor untouched (transformers' `no_init_weights` does the same), and
-    `load_weights` then replaces every tensor. For slcgan-64 and slcgan-128 that saves 25-35 s of
+    `load_weights` then replaces every tensor. For slcgan-64 and slcgan-128 that saves 25-40 s of
     orthogonal initialisation on a CPU.
 
     Not the meta device: spectral norm runs 15 power iterations when a layer is made, and on meta tensors
     each operation goes through torch's Python meta kernels (1-2 ms each), so building slcGAN's networks
-    there took 2-3 s for its CPU presets against 0.1 s here (tests/bench/RESULTS.md, "Loading a model").
+    there took 3-4 s for its CPU presets against 0.1-0.15 s here (tests/bench/RESULTS.md, "Loading a model").
     """
     if training:
         yield

@@ -28,6 +28,8 @@ def building(training: bool):
     Not the meta device: spectral norm runs 15 power iterations when a layer is made, and on meta tensors
     each operation goes through torch's Python meta kernels (1-2 ms each), so building slcGAN's networks
     there took 3-4 s for its CPU presets against 0.1-0.15 s here (tests/bench/RESULTS.md, "Loading a model").
+    The initialisers are switched off for the whole process while it lasts: build nothing for training
+    in another thread meanwhile (imgcluster's loaders build from one thread).
     """
     if training:
         yield

@@ -11,9 +11,13 @@ initialised), each --repeat times in this process; the fastest and the median.
 
 --runs with --before CHECKOUT: `python -m imgcluster assign RUN -o FILE --quiet` as separate processes,
 alternating this checkout and CHECKOUT (PYTHONPATH; e.g. a `git worktree` of the commit before), --pairs
-times per run directory, from /tmp so the current directory's checkout is not imported instead. The image
-cache should be warm (run `assign` once first). Prints each pair, the medians, the median of the pairwise
-ratios and whether the two CSVs are identical.
+times per run directory, from a scratch folder so the current directory's checkout is not imported
+instead (checked before timing). The image cache should be warm (run `assign` once first). Prints each
+pair, the medians, the median of the pairwise ratios and whether the two CSVs are identical.
+
+Presets are read from the installed checkout whatever PYTHONPATH says (an editable install maps
+`imgcluster.presets` to its own `presets/`): --presets with PYTHONPATH set times the other checkout's code
+with this checkout's presets. `assign` reads a run's settings from its config.yaml, so --runs is not affected.
 """
 
 from __future__ import annotations
@@ -46,11 +50,21 @@ def build_times(preset: str, clusters: int, repeat: int) -> dict:
     return out
 
 
-def assign_seconds(checkout: Path, run: Path, csv: Path) -> float:
+def check_imports(checkout: Path, cwd: Path) -> None:
+    """Stop unless a process started as `assign_seconds` starts one imports imgcluster from `checkout`."""
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    out = subprocess.run([sys.executable, "-c", "import imgcluster; print(imgcluster.__file__)"],
+                         env=env, cwd=cwd, capture_output=True, text=True, check=True)
+    code = Path(out.stdout.strip()).resolve()
+    if not code.is_relative_to(checkout.resolve()):
+        sys.exit(f"imported {code}, not the code in {checkout}")
+
+
+def assign_seconds(checkout: Path, run: Path, csv: Path, cwd: Path) -> float:
     env = {**os.environ, "PYTHONPATH": str(checkout)}
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "imgcluster", "assign", str(run), "-o", str(csv), "--quiet"],
-                   check=True, env=env, cwd="/tmp", stderr=subprocess.DEVNULL)
+                   check=True, env=env, cwd=cwd, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t0
 
 
@@ -75,12 +89,16 @@ def main() -> None:
     if args.runs and not args.before:
         ap.error("--runs needs --before CHECKOUT")
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.runs:
+            check_imports(args.before, tmp)
+            check_imports(HERE, tmp)
         for run in args.runs:
-            before_csv, after_csv = Path(tmp, "before.csv"), Path(tmp, "after.csv")
+            before_csv, after_csv = tmp / "before.csv", tmp / "after.csv"
             pairs = []
             for i in range(args.pairs):
-                b = assign_seconds(args.before, run, before_csv)
-                a = assign_seconds(HERE, run, after_csv)
+                b = assign_seconds(args.before, run, before_csv, tmp)
+                a = assign_seconds(HERE, run, after_csv, tmp)
                 pairs.append((b, a))
                 print(f"{run.name} pair {i + 1}: before {b:.2f} s, after {a:.2f} s", flush=True)
             same = filecmp.cmp(before_csv, after_csv, shallow=False)

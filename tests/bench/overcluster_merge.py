@@ -20,7 +20,8 @@ names (labels are used for scoring only):
 each grouped by hierarchical clustering (average or complete linkage) or spectral clustering. Also printed:
 the scores at K' (majority-vote ACC is the ceiling of any merge) and k-means with K on C's features.
 
---checkpoint scores the training checkpoint (checkpoint/state.safetensors) instead of model.safetensors,
+--checkpoint scores the training checkpoint (checkpoint/state.safetensors) instead of model.safetensors (so
+also a run still training, which has none yet),
 with C's BatchNorm statistics re-estimated on the folder as training does before it saves the model.
 """
 
@@ -39,9 +40,10 @@ from sklearn.cluster import KMeans, SpectralClustering
 from imgcluster import metrics
 from imgcluster.augment import to_float
 from imgcluster.checkpoint import CHECKPOINT_FORMAT, read_state
+from imgcluster.methods import METHODS
 from imgcluster.methods.common import load_weights
 from imgcluster.pipeline import cache_size, prepare_images
-from imgcluster.rundir import RunDir, load_model
+from imgcluster.rundir import RunDir, load_config, load_model
 
 
 def chunks(indices: np.ndarray, size: int):
@@ -100,18 +102,22 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
-    run = RunDir(args.run)
-    cfg, method = load_model(run, torch.device("cpu"), "fp32")
+    run, cpu = RunDir(args.run), torch.device("cpu")
+    step = None
+    if args.checkpoint:                                  # a run still training has no model.safetensors
+        cfg = load_config(run)
+        method = METHODS[cfg.method](cfg, cpu, training=False)
+        state, _ = read_state(run.checkpoint, CHECKPOINT_FORMAT)
+        for name, net in method.networks().items():
+            load_weights(net, state["networks"][name], cpu)
+        step = int(state["step"])
+    else:
+        cfg, method = load_model(run, cpu, "fp32")
     if cfg.method != "slcgan":
         raise SystemExit(f"{run.root}: a {cfg.method} run; this study is for slcgan runs")
     images = prepare_images(Path(cfg.data_dir), cache_size(cfg))
     good = images.good_indices
-    step = None
     if args.checkpoint:
-        state, _ = read_state(run.checkpoint, CHECKPOINT_FORMAT)
-        for name, net in method.networks().items():
-            load_weights(net, state["networks"][name], torch.device("cpu"))
-        step = int(state["step"])
         method.recalibrate(torch.from_numpy(np.asarray(images.images[c])) for c in chunks(good, cfg.batch_size))
     labels = np.array([Path(images.files[i]).parts[0] for i in good])
     probs, features, confusion = views(method, images, good, args.views)

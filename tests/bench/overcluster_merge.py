@@ -7,8 +7,8 @@ tests/bench/quality.py with --clusters 20 on a 10-class set:
     python tests/bench/overcluster_merge.py RUN_DIR --clusters 10 --checkpoint   # the training checkpoint
 
 Each image's cluster is C's argmax over K' (as `assign` gives it); the K' clusters are then grouped into K
-by one of these label-free similarities between clusters, and each grouping is scored against the folder
-names (labels are used for scoring only):
+by one of these label-free similarities between clusters, and each grouping is scored against each
+image's parent folder name, as tests/bench/quality.py labels (labels are used for scoring only):
 
 - confusion: sum over images of p(clean view)^T p(augmented view), the training's augmented views (--views
   per image), normalised by its diagonal: clusters C confuses when the image is cropped and jittered;
@@ -37,39 +37,37 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 from sklearn.cluster import KMeans, SpectralClustering
 
+from quality import folder_labels
 from imgcluster import metrics
 from imgcluster.augment import to_float
 from imgcluster.checkpoint import CHECKPOINT_FORMAT, read_state
+from imgcluster.inference import Upload, set_batches
 from imgcluster.methods import METHODS
 from imgcluster.methods.common import load_weights
 from imgcluster.pipeline import cache_size, prepare_images
 from imgcluster.rundir import RunDir, load_config, load_model
 
 
-def chunks(indices: np.ndarray, size: int):
-    return np.array_split(indices, max(1, -(-len(indices) // size)))
-
-
 @torch.no_grad()
-def views(method, images, good: np.ndarray, n_views: int):
-    """C's soft labels of the clean views (N, K'), its features (N, F), and the confusion matrix (K', K')
-    between clean and augmented views."""
-    C = method.C_ema if getattr(method, "C_ema", None) is not None else method.C
-    C.eval()
+def views(method, images, n_views: int):
+    """C's soft labels of the clean views (N, K'), as `assign` computes them, its features (N, F), and the
+    confusion matrix (K', K') between clean and augmented views, over the set's usable images in order."""
+    C = getattr(method, method.clusterer)                # the network `assign` reads (C_ema when kept)
     captured = []
     hook = C.fc.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].float()))
     probs, features = [], []
     confusion = torch.zeros(method.cfg.clusters, method.cfg.clusters)
     try:
-        for chunk in chunks(good, 256):
-            u8 = torch.from_numpy(np.asarray(images.images[chunk]))
-            p = C(method.eval_view(u8)).float().softmax(dim=1)
+        for batch in set_batches(images, 256, Upload(method.device)):
+            if batch.pixels is None:
+                continue
+            p = method.probabilities(batch.pixels)       # eval mode
             probs.append(p)
             features.append(captured.pop())
-            real = to_float(u8)
+            real = to_float(batch.pixels)
             for _ in range(n_views):
                 confusion += p.T @ C(method.augmented_view(real)).float().softmax(dim=1)
-                captured.clear()
+            captured.clear()
     finally:
         hook.remove()
     return torch.cat(probs).numpy(), torch.cat(features).numpy(), confusion.numpy()
@@ -116,11 +114,10 @@ def main() -> None:
     if cfg.method != "slcgan":
         raise SystemExit(f"{run.root}: a {cfg.method} run; this study is for slcgan runs")
     images = prepare_images(Path(cfg.data_dir), cache_size(cfg))
-    good = images.good_indices
-    if args.checkpoint:
-        method.recalibrate(torch.from_numpy(np.asarray(images.images[c])) for c in chunks(good, cfg.batch_size))
-    labels = np.array([Path(images.files[i]).parts[0] for i in good])
-    probs, features, confusion = views(method, images, good, args.views)
+    if args.checkpoint:                                  # as training does before it saves the model
+        method.recalibrate(b.pixels for b in set_batches(images, cfg.batch_size, Upload(cpu)) if b.pixels is not None)
+    labels = folder_labels([images.files[i] for i in images.good_indices])
+    probs, features, confusion = views(method, images, args.views)
     pred = probs.argmax(axis=1)
     k_prime, k = cfg.clusters, args.clusters
     sizes = np.bincount(pred, minlength=k_prime).astype(float)
